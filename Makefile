@@ -1,0 +1,54 @@
+# The two commands: `make test` and `make bench`. Each sets up everything it needs on a fresh
+# machine (a .venv with the pinned dev environment, the C++/CUDA extension) and is idempotent.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TORCH_PIN := torch==2.14.1
+TRITON_PIN := triton~=3.8
+# No GPU on the build machines: name the architectures the CUDA kernels are built for.
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+CSRC := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \) 2>/dev/null)
+EXT_STAMP := $(VENV)/.ext-built
+
+.PHONY: test bench bench-quick bench-micro lint format ext kernel-report clean
+
+$(VENV)/.deps: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_PIN)" "$(TRITON_PIN)" setuptools wheel ninja
+	FLASHCON_SKIP_EXT=1 $(PIP) install -q --no-build-isolation -e ".[test,bench,triton]"
+	touch $@
+
+# The extension is built in place (python/flashcon/_C*.so); ninja rebuilds only what changed.
+$(EXT_STAMP): $(VENV)/.deps setup.py $(CSRC)
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+ext: $(EXT_STAMP)
+
+lint: $(VENV)/.deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.deps
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: $(EXT_STAMP) lint
+	$(VENV)/bin/pytest
+
+bench: $(EXT_STAMP)
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+bench-quick: $(EXT_STAMP)
+	$(PY) bench/run.py --quick $(BENCH_ARGS)
+
+bench-micro: $(EXT_STAMP)
+	$(VENV)/bin/pytest bench/micro --benchmark-only -p no:cacheprovider
+
+kernel-report: $(VENV)/.deps
+	$(PY) -m flashcon.tools.kernel_report
+
+clean:
+	rm -rf build python/flashcon/_C*.so $(EXT_STAMP)

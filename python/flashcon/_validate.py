@@ -1,0 +1,202 @@
+"""Input validation shared by the public API and the reference implementations.
+
+Every check raises ``ValueError`` (bad value or shape) or ``TypeError`` (bad dtype/type) with a
+message that names the argument, what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def _eager() -> bool:
+    """Checks that read tensor values run in eager mode only: under torch.compile they would
+    force a graph break (the shapes and dtypes are still checked there)."""
+    return not torch.compiler.is_compiling()
+
+
+def check_tensor(x: object, name: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def flatten_features(features: Tensor, name: str = "features") -> tuple[Tensor, int, int]:
+    """Validate features and flatten views view-major.
+
+    ``[B, V, D]`` becomes ``[V·B, D]`` (``torch.cat(features.unbind(1))``, as the official code);
+    ``[N, D]`` is one view per sample. Returns (z, B, V).
+    """
+    check_tensor(features, name)
+    if features.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), "
+            f"got dtype {features.dtype}"
+        )
+    if features.dim() == 3:
+        b, v, d = features.shape
+        z = features.transpose(0, 1).reshape(v * b, d)
+    elif features.dim() == 2:
+        b, d = features.shape
+        v = 1
+        z = features
+    else:
+        raise ValueError(
+            f"{name} must have shape [B, V, D] or [N, D], got {features.dim()} dimensions "
+            f"{tuple(features.shape)}"
+        )
+    if b == 0 or v == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(features.shape)})")
+    if d == 0:
+        raise ValueError(f"{name} has feature dimension D = 0 (shape {tuple(features.shape)})")
+    return z, b, v
+
+
+def check_multiview(features: Tensor, name: str = "features") -> None:
+    check_tensor(features, name)
+    if features.dim() != 3:
+        raise ValueError(
+            f"{name} must have shape [B, V, D] (positives are the other views of a sample), "
+            f"got shape {tuple(features.shape)}"
+        )
+
+
+def _same_device(x: Tensor, ref: Tensor, name: str) -> None:
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but features are on {ref.device}")
+
+
+def check_labels(
+    labels: Tensor | None,
+    b: int,
+    ref: Tensor,
+    *,
+    required: bool = False,
+    num_classes: int | None = None,
+    name: str = "labels",
+) -> Tensor | None:
+    """Validate integer class labels ``[B]``; returns them as int64 (or None)."""
+    if labels is None:
+        if required:
+            raise ValueError(f"{name} is required for this loss")
+        return None
+    check_tensor(labels, name)
+    if labels.dtype == torch.bool or labels.dtype not in _INT_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor of class ids, got dtype {labels.dtype}")
+    if labels.dim() != 1:
+        raise ValueError(f"{name} must have shape [B], got shape {tuple(labels.shape)}")
+    if labels.shape[0] != b:
+        raise ValueError(
+            f"{name} has {labels.shape[0]} entries but features have B = {b} samples"
+        )
+    _same_device(labels, ref, name)
+    labels = labels.long()
+    if num_classes is not None and labels.numel() > 0 and _eager():
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(
+                f"{name} must lie in [0, {num_classes}) to index the prototypes, "
+                f"got values in [{lo}, {hi}]"
+            )
+    return labels
+
+
+def check_mask(mask: Tensor, b: int, ref: Tensor, name: str = "mask") -> Tensor:
+    check_tensor(mask, name)
+    if mask.dim() != 2 or tuple(mask.shape) != (b, b):
+        raise ValueError(f"{name} must have shape [B, B] = [{b}, {b}], got {tuple(mask.shape)}")
+    _same_device(mask, ref, name)
+    if mask.is_floating_point():
+        if _eager() and not torch.isfinite(mask).all() or (mask < 0).any():
+            raise ValueError(f"{name} must hold finite, non-negative positive weights")
+    elif mask.dtype not in _INT_DTYPES and mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool, integer or floating tensor, got {mask.dtype}")
+    return mask
+
+
+def check_soft_labels(soft_labels: Tensor, b: int, v: int, ref: Tensor) -> Tensor:
+    """Validate GenSCL soft labels ``[B, K]`` or ``[B, V, K]``; returns them view-major ``[V·B, K]``."""
+    name = "soft_labels"
+    check_tensor(soft_labels, name)
+    if not soft_labels.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got dtype {soft_labels.dtype}")
+    _same_device(soft_labels, ref, name)
+    if soft_labels.dim() == 2:
+        if soft_labels.shape[0] != b:
+            raise ValueError(
+                f"{name} has {soft_labels.shape[0]} rows but features have B = {b} samples"
+            )
+        y = soft_labels.repeat(v, 1)
+    elif soft_labels.dim() == 3:
+        if soft_labels.shape[0] != b or soft_labels.shape[1] != v:
+            raise ValueError(
+                f"{name} of shape [B, V, K] must have B = {b}, V = {v}, "
+                f"got {tuple(soft_labels.shape)}"
+            )
+        y = soft_labels.transpose(0, 1).reshape(v * b, soft_labels.shape[2])
+    else:
+        raise ValueError(
+            f"{name} must have shape [B, K] or [B, V, K], got {tuple(soft_labels.shape)}"
+        )
+    if y.shape[1] == 0:
+        raise ValueError(f"{name} has K = 0 classes")
+    if not _eager():
+        return y
+    if not torch.isfinite(y).all():
+        raise ValueError(f"{name} must be finite")
+    if (y < 0).any():
+        raise ValueError(f"{name} must be non-negative (label weights or probabilities)")
+    if (y.sum(dim=1) <= 0).any():
+        raise ValueError(f"{name} has an all-zero row; every sample needs some label mass")
+    return y
+
+
+def check_prototypes(prototypes: Tensor, ref: Tensor) -> int:
+    name = "prototypes"
+    check_tensor(prototypes, name)
+    if not prototypes.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got dtype {prototypes.dtype}")
+    if prototypes.dim() != 2:
+        raise ValueError(f"{name} must have shape [K, D], got {tuple(prototypes.shape)}")
+    if prototypes.shape[1] != ref.shape[1]:
+        raise ValueError(
+            f"{name} have width {prototypes.shape[1]} but features have D = {ref.shape[1]}"
+        )
+    if prototypes.shape[0] == 0:
+        raise ValueError(f"{name} is empty (K = 0 classes)")
+    _same_device(prototypes, ref, name)
+    return prototypes.shape[0]
+
+
+def _as_float(x: object, name: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        if isinstance(x, Tensor) and x.numel() == 1:
+            return float(x)
+        raise TypeError(f"{name} must be a number, got {type(x).__name__}")
+    return float(x)
+
+
+def check_temperature(t: object, name: str = "temperature") -> float:
+    t = _as_float(t, name)
+    if not math.isfinite(t) or t <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {t}")
+    return t
+
+
+def check_nonneg(x: object, name: str) -> float:
+    x = _as_float(x, name)
+    if not math.isfinite(x) or x < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {x}")
+    return x
+
+
+def check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value  # type: ignore[return-value]

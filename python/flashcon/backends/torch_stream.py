@@ -1,0 +1,171 @@
+"""Pure-PyTorch chunked streaming implementation of the engine contract (``backend='torch'``).
+
+Rows are processed in chunks against all columns, so the largest temporary is
+``chunk × M`` (``FLASHCON_TORCH_CHUNK_ELEMS`` elements, default 2^21), never N×M. The backward
+recomputes each chunk's similarities from q, k and the saved row statistics. This file is also
+the executable statement of the engine contract (see ``flashcon.engine``): the Triton and C++
+kernels compute exactly these functions, tile by tile.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor
+
+_NEG_INF = float("-inf")
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Row statistics are float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunk_rows(n: int, m: int) -> int:
+    budget = int(os.environ.get("FLASHCON_TORCH_CHUNK_ELEMS", 1 << 21))
+    return max(1, min(n, budget // max(m, 1)))
+
+
+def _tile(q, k, qlab, klab, r0: int, r1: int, self_offset: int):
+    """Similarities and masks of rows [r0, r1) against all columns (computed in stat dtype)."""
+    acc = stat_dtype(q.dtype)
+    qc = q[r0:r1].to(acc)
+    s = qc @ k.to(acc).T
+    pos = qlab[r0:r1, None] == klab[None, :]
+    valid = torch.ones_like(pos)
+    if self_offset >= 0:
+        rows = torch.arange(r1 - r0, device=q.device)
+        cols = rows + r0 + self_offset
+        ok = cols < k.shape[0]
+        valid[rows[ok], cols[ok]] = False
+    return qc, s, pos & valid, (~pos) & valid
+
+
+def _log_terms(s, pos, neg, scale, w_pos, w_neg, k1):
+    """The exponents of every term of the weighted partition sum, −inf where absent."""
+    t = torch.full_like(s, _NEG_INF)
+    if w_pos > 0:
+        t = torch.where(pos, scale * s + math.log(w_pos), t)
+    if w_neg > 0:
+        t = torch.where(neg, scale * s + math.log(w_neg), t)
+    terms = [t]
+    if k1 > 0:
+        terms.append(torch.where(pos, math.log(k1) - s, torch.full_like(s, _NEG_INF)))
+    return terms
+
+
+def lse_fwd(
+    q: Tensor,
+    k: Tensor,
+    qlab: Tensor,
+    klab: Tensor,
+    self_offset: int,
+    scale: float,
+    w_pos: float,
+    w_neg: float,
+    k1: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    n, m = q.shape[0], k.shape[0]
+    acc = stat_dtype(q.dtype)
+    lse = torch.empty(n, dtype=acc, device=q.device)
+    psum = torch.empty(n, dtype=acc, device=q.device)
+    pcnt = torch.empty(n, dtype=acc, device=q.device)
+    step = _chunk_rows(n, m)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        _, s, pos, neg = _tile(q, k, qlab, klab, r0, r1, self_offset)
+        terms = _log_terms(s, pos, neg, scale, w_pos, w_neg, k1)
+        lse[r0:r1] = torch.logsumexp(torch.cat(terms, dim=1), dim=1)
+        psum[r0:r1] = torch.where(pos, s, torch.zeros_like(s)).sum(dim=1)
+        pcnt[r0:r1] = pos.sum(dim=1).to(acc)
+    return lse, psum, pcnt
+
+
+def lse_bwd(
+    g_lse: Tensor,
+    g_psum: Tensor,
+    q: Tensor,
+    k: Tensor,
+    qlab: Tensor,
+    klab: Tensor,
+    lse: Tensor,
+    self_offset: int,
+    scale: float,
+    w_pos: float,
+    w_neg: float,
+    k1: float,
+) -> tuple[Tensor, Tensor]:
+    n, m = q.shape[0], k.shape[0]
+    acc = stat_dtype(q.dtype)
+    dq = torch.empty(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    kf = k.to(acc)
+    step = _chunk_rows(n, m)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        qc, s, pos, neg = _tile(q, k, qlab, klab, r0, r1, self_offset)
+        l = lse[r0:r1, None]
+        # A row with an empty sum (lse = −inf) has no terms, hence no gradient.
+        l = torch.where(torch.isfinite(l), l, torch.zeros_like(l))
+        terms = _log_terms(s, pos, neg, scale, w_pos, w_neg, k1)
+        # ∂lse/∂s = scale·softmax over the e^{scale s} terms − softmax over the k1 e^{−s} terms.
+        g = scale * torch.exp(terms[0] - l)
+        if k1 > 0:
+            g = g - torch.exp(terms[1] - l)
+        g = g_lse[r0:r1, None] * g + torch.where(pos, g_psum[r0:r1, None], 0.0)
+        dq[r0:r1] = g @ kf
+        dk += g.T @ qc
+    return dq.to(q.dtype), dk.to(k.dtype)
+
+
+def sp_fwd(
+    q: Tensor,
+    k: Tensor,
+    qlab: Tensor,
+    klab: Tensor,
+    eta: Tensor,
+    self_offset: int,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    n, m = q.shape[0], k.shape[0]
+    acc = stat_dtype(q.dtype)
+    sp = torch.empty(n, dtype=acc, device=q.device)
+    r = torch.empty(n, dtype=acc, device=q.device)
+    step = _chunk_rows(n, m)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        _, s, pos, _ = _tile(q, k, qlab, klab, r0, r1, self_offset)
+        x = eta[r0:r1, None] - scale * s
+        zero = torch.zeros_like(x)
+        sp[r0:r1] = torch.where(pos, torch.nn.functional.softplus(x), zero).sum(dim=1)
+        r[r0:r1] = torch.where(pos, torch.sigmoid(x), zero).sum(dim=1)
+    return sp, r
+
+
+def sp_bwd(
+    g_sp: Tensor,
+    q: Tensor,
+    k: Tensor,
+    qlab: Tensor,
+    klab: Tensor,
+    eta: Tensor,
+    self_offset: int,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    n, m = q.shape[0], k.shape[0]
+    acc = stat_dtype(q.dtype)
+    dq = torch.empty(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    kf = k.to(acc)
+    step = _chunk_rows(n, m)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        qc, s, pos, _ = _tile(q, k, qlab, klab, r0, r1, self_offset)
+        x = eta[r0:r1, None] - scale * s
+        g = torch.where(pos, -scale * torch.sigmoid(x), torch.zeros_like(x))
+        g = g_sp[r0:r1, None] * g
+        dq[r0:r1] = g @ kf
+        dk += g.T @ qc
+    return dq.to(q.dtype), dk.to(k.dtype)

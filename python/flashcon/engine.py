@@ -1,0 +1,309 @@
+"""The streaming engine: its contract, its ``torch.library`` ops and backend dispatch.
+
+Contract (every backend implements exactly these four functions)
+----------------------------------------------------------------
+Anchors ``q [N, D]`` with integer labels ``qlab [N]`` against columns ``k [M, D]`` with labels
+``klab [M]``. Column j is anchor i's own column when ``self_offset >= 0`` and
+``j == i + self_offset``; it is excluded from everything. Of the other columns, j is a
+*positive* of i when ``qlab[i] == klab[j]`` and a *negative* otherwise. ``s_ij = q_i·k_j`` is
+accumulated in the statistics dtype (float64 for float64 inputs, float32 otherwise).
+
+``lse_fwd(q, k, qlab, klab, self_offset, scale, w_pos, w_neg, k1) -> (lse, psum, pcnt)``
+    lse_i  = log( Σ_{j∈P(i)} [w_pos·e^{scale·s_ij} + k1·e^{−s_ij}] + Σ_{j∈N(i)} w_neg·e^{scale·s_ij} )
+             (−inf when the sum has no term: every weight of the row's columns is 0);
+    psum_i = Σ_{j∈P(i)} s_ij;  pcnt_i = |P(i)| (as a float).
+    One masked, max-shifted online log-sum-exp covers SupCon's LSE over A(i) (1, 1, 0),
+    L_in's LSE over positives (1, 0, 0), SINCERE's η over negatives (0, 1, 0) and TCL's
+    partition function (1, k2, k1); psum/pcnt give the closed-form target terms.
+``lse_bwd(g_lse, g_psum, q, k, qlab, klab, lse, self_offset, scale, w_pos, w_neg, k1) -> (dq, dk)``
+    G_ij = g_lse_i·e^{−lse_i}·( w_ij·scale·e^{scale·s_ij} − [j∈P(i)]·k1·e^{−s_ij} )
+           + g_psum_i·[j∈P(i)],    with w_ij = w_pos on P(i), w_neg on N(i);
+    rows with lse_i = −inf have no terms and get no gradient. dq = G·k, dk = Gᵀ·q.
+``sp_fwd(q, k, qlab, klab, eta, self_offset, scale) -> (sp, r)``
+    sp_i = Σ_{j∈P(i)} softplus(eta_i − scale·s_ij),   r_i = Σ_{j∈P(i)} σ(eta_i − scale·s_ij)
+    (SINCERE's second pass; r_i = ∂sp_i/∂eta_i).
+``sp_bwd(g_sp, q, k, qlab, klab, eta, self_offset, scale) -> (dq, dk)``
+    G_ij = −g_sp_i·scale·σ(eta_i − scale·s_ij)·[j∈P(i)];  dq = G·k, dk = Gᵀ·q.
+
+Gradients reach q and k only (labels, eta's own producer is reached through autograd via r).
+Every output is O(N + M); nothing N×M exists in any backend. ``dq``/``dk`` have the dtype of
+``q``/``k``; statistics have the statistics dtype.
+
+Each backend registers the four functions as ops (``flashcon::<backend>_lse_fwd`` …, or the
+C++ ``flashcon::lse_fwd`` dispatched by device); :func:`register_backend_autograd` connects
+each forward op to its backward op, and :func:`get_engine` returns the pair of differentiable
+callables the losses use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .backends import torch_stream
+
+BACKENDS = ("auto", "triton", "cuda", "cpu", "torch", "reference")
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for explicitly but cannot run here; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Engine:
+    """The four engine ops of one backend (already connected to autograd)."""
+
+    name: str
+    lse: Callable[..., tuple[Tensor, Tensor, Tensor]]
+    sp: Callable[..., tuple[Tensor, Tensor]]
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd wiring shared by every backend.
+# --------------------------------------------------------------------------------------------
+
+
+def _stat(g: Tensor | None, like: Tensor) -> Tensor:
+    if g is None:
+        return torch.zeros_like(like)
+    return g.to(like.dtype).contiguous()
+
+
+def register_backend_autograd(lse_fwd_op, lse_bwd_op, sp_fwd_op, sp_bwd_op) -> None:
+    """Connect forward ops to their backward ops with ``torch.library.register_autograd``."""
+
+    def lse_setup(ctx, inputs, output):
+        q, k, qlab, klab, self_offset, scale, w_pos, w_neg, k1 = inputs
+        ctx.save_for_backward(q, k, qlab, klab, output[0])
+        ctx.args = (self_offset, scale, w_pos, w_neg, k1)
+
+    def lse_backward(ctx, g_lse, g_psum, g_pcnt):
+        q, k, qlab, klab, lse = ctx.saved_tensors
+        dq, dk = lse_bwd_op(_stat(g_lse, lse), _stat(g_psum, lse), q, k, qlab, klab, lse, *ctx.args)
+        return dq, dk, None, None, None, None, None, None, None
+
+    torch.library.register_autograd(lse_fwd_op, lse_backward, setup_context=lse_setup)
+
+    def sp_setup(ctx, inputs, output):
+        q, k, qlab, klab, eta, self_offset, scale = inputs
+        ctx.save_for_backward(q, k, qlab, klab, eta, output[1])
+        ctx.args = (self_offset, scale)
+
+    def sp_backward(ctx, g_sp, g_r):
+        q, k, qlab, klab, eta, r = ctx.saved_tensors
+        g = _stat(g_sp, eta)
+        dq, dk = sp_bwd_op(g, q, k, qlab, klab, eta, *ctx.args)
+        # ∂sp_i/∂eta_i = r_i; r itself is treated as a constant (no second-order terms).
+        return dq, dk, None, None, g * r, None, None
+
+    torch.library.register_autograd(sp_fwd_op, sp_backward, setup_context=sp_setup)
+
+
+def _fake_stats(q: Tensor, n_out: int) -> tuple[Tensor, ...]:
+    acc = torch_stream.stat_dtype(q.dtype)
+    return tuple(q.new_empty((q.shape[0],), dtype=acc) for _ in range(n_out))
+
+
+def register_fakes(lse_fwd_op, lse_bwd_op, sp_fwd_op, sp_bwd_op) -> None:
+    """Shape-only implementations used by torch.compile and meta tensors."""
+
+    @torch.library.register_fake(lse_fwd_op)
+    def _(q, k, qlab, klab, self_offset, scale, w_pos, w_neg, k1):
+        return _fake_stats(q, 3)
+
+    @torch.library.register_fake(lse_bwd_op)
+    def _(g_lse, g_psum, q, k, qlab, klab, lse, self_offset, scale, w_pos, w_neg, k1):
+        return torch.empty_like(q), torch.empty_like(k)
+
+    @torch.library.register_fake(sp_fwd_op)
+    def _(q, k, qlab, klab, eta, self_offset, scale):
+        return _fake_stats(q, 2)
+
+    @torch.library.register_fake(sp_bwd_op)
+    def _(g_sp, q, k, qlab, klab, eta, self_offset, scale):
+        return torch.empty_like(q), torch.empty_like(k)
+
+
+# --------------------------------------------------------------------------------------------
+# backend='torch': the chunked PyTorch implementation as opaque custom ops.
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("flashcon::torch_lse_fwd", mutates_args=())
+def _torch_lse_fwd(
+    q: Tensor,
+    k: Tensor,
+    qlab: Tensor,
+    klab: Tensor,
+    self_offset: int,
+    scale: float,
+    w_pos: float,
+    w_neg: float,
+    k1: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return torch_stream.lse_fwd(q, k, qlab, klab, self_offset, scale, w_pos, w_neg, k1)
+
+
+@torch.library.custom_op("flashcon::torch_lse_bwd", mutates_args=())
+def _torch_lse_bwd(
+    g_lse: Tensor,
+    g_psum: Tensor,
+    q: Tensor,
+    k: Tensor,
+    qlab: Tensor,
+    klab: Tensor,
+    lse: Tensor,
+    self_offset: int,
+    scale: float,
+    w_pos: float,
+    w_neg: float,
+    k1: float,
+) -> tuple[Tensor, Tensor]:
+    return torch_stream.lse_bwd(
+        g_lse, g_psum, q, k, qlab, klab, lse, self_offset, scale, w_pos, w_neg, k1
+    )
+
+
+@torch.library.custom_op("flashcon::torch_sp_fwd", mutates_args=())
+def _torch_sp_fwd(
+    q: Tensor, k: Tensor, qlab: Tensor, klab: Tensor, eta: Tensor, self_offset: int, scale: float
+) -> tuple[Tensor, Tensor]:
+    return torch_stream.sp_fwd(q, k, qlab, klab, eta, self_offset, scale)
+
+
+@torch.library.custom_op("flashcon::torch_sp_bwd", mutates_args=())
+def _torch_sp_bwd(
+    g_sp: Tensor,
+    q: Tensor,
+    k: Tensor,
+    qlab: Tensor,
+    klab: Tensor,
+    eta: Tensor,
+    self_offset: int,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    return torch_stream.sp_bwd(g_sp, q, k, qlab, klab, eta, self_offset, scale)
+
+
+_TORCH_OPS = (_torch_lse_fwd, _torch_lse_bwd, _torch_sp_fwd, _torch_sp_bwd)
+register_fakes(*_TORCH_OPS)
+register_backend_autograd(*_TORCH_OPS)
+
+
+# --------------------------------------------------------------------------------------------
+# Backend discovery and selection.
+# --------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _cpp_ops() -> tuple | None:
+    from . import _ext
+
+    if not _ext.load():
+        return None
+    ops = torch.ops.flashcon
+    fwd_bwd = (ops.lse_fwd.default, ops.lse_bwd.default, ops.sp_fwd.default, ops.sp_bwd.default)
+    register_fakes(*fwd_bwd)
+    register_backend_autograd(*fwd_bwd)
+    return fwd_bwd
+
+
+@functools.cache
+def _triton_ops() -> tuple | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return None
+    try:
+        from .triton_kernels import ops as tops
+    except ImportError:
+        return None
+    return tops.OPS
+
+
+def triton_available() -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return False, f"triton is not installed ({e}); pip install triton"
+    if _triton_ops() is None:
+        return False, "flashcon.triton_kernels could not be imported"
+    return True, ""
+
+
+def cpp_available(device_type: str) -> tuple[bool, str]:
+    from . import _ext
+
+    if _cpp_ops() is None:
+        return False, f"the C++ extension flashcon._C is not available: {_ext.why_unavailable()}"
+    if device_type == "cuda" and not _ext.has_cuda_kernels():
+        return False, "flashcon._C was built without CUDA kernels (see setup.py's switches)"
+    return True, ""
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map ``backend`` ('auto' or a name) to a concrete backend for tensors on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    dev = device.type
+    if backend == "auto":
+        if dev == "cuda":
+            if triton_available()[0]:
+                return "triton"
+            if cpp_available("cuda")[0]:
+                return "cuda"
+            return "torch"
+        if dev == "cpu" and cpp_available("cpu")[0]:
+            return "cpu"
+        return "torch"
+    if backend in ("reference", "torch"):
+        return backend
+    if backend == "triton":
+        ok, why = triton_available()
+        if not ok:
+            raise BackendUnavailableError(f"backend='triton' is unavailable: {why}")
+        if dev != "cuda" and not _interpreting():
+            raise BackendUnavailableError(
+                f"backend='triton' needs CUDA tensors (got {dev}); set TRITON_INTERPRET=1 to "
+                "run the kernels on the CPU through Triton's interpreter"
+            )
+        return backend
+    if backend == "cuda":
+        if dev != "cuda":
+            raise BackendUnavailableError(f"backend='cuda' needs CUDA tensors, got {dev} tensors")
+        ok, why = cpp_available("cuda")
+        if not ok:
+            raise BackendUnavailableError(f"backend='cuda' is unavailable: {why}")
+        return backend
+    # backend == "cpu"
+    if dev != "cpu":
+        raise BackendUnavailableError(f"backend='cpu' needs CPU tensors, got {dev} tensors")
+    ok, why = cpp_available("cpu")
+    if not ok:
+        raise BackendUnavailableError(f"backend='cpu' is unavailable: {why}")
+    return backend
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def get_engine(backend: str) -> Engine:
+    """The differentiable engine callables of a concrete backend name."""
+    if backend == "torch":
+        ops = _TORCH_OPS
+    elif backend in ("cpu", "cuda"):
+        ops = _cpp_ops()
+    elif backend == "triton":
+        ops = _triton_ops()
+    else:
+        raise ValueError(f"no streaming engine for backend {backend!r}")
+    if ops is None:
+        raise BackendUnavailableError(f"backend {backend!r} is unavailable")
+    return Engine(name=backend, lse=ops[0], sp=ops[2])

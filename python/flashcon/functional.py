@@ -1,0 +1,300 @@
+"""Public functional API: validate, flatten views, pick the backend, combine row statistics.
+
+Every loss returns a scalar: the mean over anchors of the per-anchor loss (as the official
+code does; the papers write a sum). Features are used as given (the official losses do not
+normalise inside the loss; L2-normalise your projections first). ``[B, V, D]`` features are
+flattened view-major; ``[N, D]`` features are one view per sample.
+
+The streamed work (row statistics over the N×M similarity matrix) is done by the engine of the
+chosen backend; the O(N·D) closed-form parts and the reductions are done here, in PyTorch, so
+autograd composes them with the engine ops.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _validate as V
+from . import reference as R
+from .engine import Engine, get_engine, resolve_backend
+from .specs import LOSS_SPECS
+
+__all__ = [
+    "supcon_loss",
+    "ntxent_loss",
+    "sincere_loss",
+    "genscl_loss",
+    "tcl_loss",
+    "esupcon_loss",
+    "esupcon_logits",
+]
+
+
+def _acc(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _engine_for(backend: str, z: Tensor) -> Engine | None:
+    concrete = resolve_backend(backend, z.device)
+    if concrete == "reference":
+        return None
+    return get_engine(concrete)
+
+
+def _lse(eng: Engine, spec: str, idx: int, q, k, qlab, klab, self_offset, t, options=None):
+    w_pos, w_neg, k1 = LOSS_SPECS[spec].streams[idx].weights(options or {})
+    return eng.lse(
+        q.contiguous(),
+        k.contiguous(),
+        qlab.contiguous(),
+        klab.contiguous(),
+        self_offset,
+        1.0 / t,
+        w_pos,
+        w_neg,
+        k1,
+    )
+
+
+def _finite_or_zero(x: Tensor) -> Tensor:
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+
+def _out_rows(lse: Tensor, psum: Tensor, pcnt: Tensor, t: float) -> Tensor:
+    """SupCon L_out per row: LSE_i − Q_i/C_i with Q_i = psum_i/τ; 0 without positives."""
+    has = pcnt > 0
+    row = _finite_or_zero(lse) - psum / (t * pcnt.clamp_min(1))
+    return torch.where(has, row, torch.zeros_like(row))
+
+
+def supcon_loss(
+    features: Tensor,
+    labels: Tensor | None = None,
+    mask: Tensor | None = None,
+    *,
+    temperature: float = 0.07,
+    base_temperature: float = 0.07,
+    contrast_mode: str = "all",
+    variant: str = "out",
+    backend: str = "auto",
+) -> Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020), SupContrast's ``SupConLoss``.
+
+    Args:
+        features: ``[B, V, D]`` (V views of B samples) or ``[N, D]`` (one view each); fp16,
+            bf16, fp32 or fp64. Not normalised inside.
+        labels: integer class ids ``[B]``. ``labels=None`` and ``mask=None`` gives SimCLR
+            (the other views of a sample are its positives).
+        mask: SupContrast's ``[B, B]`` positive-weight matrix (``backend='reference'`` only,
+            for now); exclusive with ``labels``.
+        temperature: τ (default 0.07, as SupContrast).
+        base_temperature: τ_b; the loss is scaled by τ/τ_b, as SupContrast does (its recipe
+            ``--temp 0.1`` keeps τ_b = 0.07, a ×1.43 gradient scale). Pass τ_b = τ to remove it.
+        contrast_mode: ``'all'`` (every view is an anchor) or ``'one'`` (view 0 only).
+        variant: ``'out'`` (L_out, the paper's and code's loss) or ``'in'`` (L_in).
+        backend: ``'auto'``, ``'triton'``, ``'cuda'``, ``'cpu'``, ``'torch'`` or ``'reference'``.
+
+    Anchors without positives contribute 0 and still count in the mean (SupContrast HEAD;
+    its 2020 code returned NaN).
+    """
+    z, b, v = V.flatten_features(features, "features")
+    t = V.check_temperature(temperature, "temperature")
+    tb = V.check_temperature(base_temperature, "base_temperature")
+    V.check_choice(contrast_mode, "contrast_mode", ("all", "one"))
+    V.check_choice(variant, "variant", ("out", "in"))
+    eng = _engine_for(backend, z)
+    if eng is None or mask is not None:
+        if mask is not None and eng is not None:
+            raise ValueError(
+                "supcon_loss(mask=...) is supported by backend='reference' only for now; "
+                "pass integer labels for the streaming backends"
+            )
+        return R.supcon_loss(
+            features,
+            labels,
+            mask,
+            temperature=t,
+            base_temperature=tb,
+            contrast_mode=contrast_mode,
+            variant=variant,
+        )
+    y = V.check_labels(labels, b, z)
+    if y is None:
+        y = torch.arange(b, device=z.device)
+    y = y.repeat(v)
+    na = b if contrast_mode == "one" else z.shape[0]
+    q, qlab = z[:na], y[:na]
+    spec = f"supcon_{variant}"
+    lse, psum, pcnt = _lse(eng, spec, 0, q, z, qlab, y, 0, t)
+    if variant == "out":
+        rows = _out_rows(lse, psum, pcnt, t)
+    else:
+        lse_p, _, _ = _lse(eng, spec, 1, q, z, qlab, y, 0, t)
+        has = pcnt > 0
+        rows = _finite_or_zero(lse) - _finite_or_zero(lse_p) + torch.log(pcnt.clamp_min(1))
+        rows = torch.where(has, rows, torch.zeros_like(rows))
+    return ((t / tb) * rows.mean()).to(_acc(z))
+
+
+def ntxent_loss(features: Tensor, *, temperature: float = 0.5, backend: str = "auto") -> Tensor:
+    """NT-Xent / SimCLR (Chen et al. 2020): positives are the other views of the same sample.
+
+    ``features`` ``[B, V, D]``; τ default 0.5 (SupContrast's SimCLR setting); no
+    base-temperature scaling (this equals ``supcon_loss(labels=None, base_temperature=τ)``).
+    """
+    V.check_multiview(features, "features")
+    return supcon_loss(
+        features, None, None, temperature=temperature, base_temperature=temperature,
+        backend=backend,
+    )
+
+
+def sincere_loss(
+    features: Tensor, labels: Tensor, *, temperature: float = 0.07, backend: str = "auto"
+) -> Tensor:
+    """SINCERE (Feeney & Hughes 2023): each positive against the negatives only.
+
+    ℓ_i = (1/C_i) Σ_{p∈P(i)} softplus(η_i − ℓ_ip), η_i = log Σ_{n∈N(i)} e^{ℓ_in}; mean over
+    all N = B·V embeddings, no base temperature, τ default 0.07 (the official code). An anchor
+    with no positive gives 0 (the official code gives NaN); one with no negative gives 0.
+    """
+    z, b, v = V.flatten_features(features, "features")
+    t = V.check_temperature(temperature, "temperature")
+    eng = _engine_for(backend, z)
+    if eng is None:
+        return R.sincere_loss(features, labels, temperature=t)
+    y = V.check_labels(labels, b, z, required=True).repeat(v)
+    eta, _, pcnt = _lse(eng, "sincere", 0, z, z, y, y, 0, t)
+    sp, _ = eng.sp(z.contiguous(), z.contiguous(), y, y, eta, 0, 1.0 / t)
+    rows = sp / pcnt.clamp_min(1)
+    return rows.mean().to(_acc(z))
+
+
+def genscl_loss(
+    features: Tensor,
+    soft_labels: Tensor,
+    *,
+    temperature: float = 0.07,
+    base_temperature: float = 0.07,
+    backend: str = "auto",
+) -> Tensor:
+    """GenSCL (Kim et al. 2022): cross-entropy of label cosine similarity vs latent softmax.
+
+    Args:
+        soft_labels: non-negative ``[B, K]`` (shared by the views) or ``[B, V, K]`` (per view,
+            e.g. independent mixup of each view). Receive no gradient.
+    Defaults τ = τ_b = 0.07 (the class defaults; its training script uses ``--temp 0.1`` with
+    τ_b = 0.07). With one-hot labels this is SupCon L_out.
+    """
+    z, b, v = V.flatten_features(features, "features")
+    t = V.check_temperature(temperature, "temperature")
+    tb = V.check_temperature(base_temperature, "base_temperature")
+    eng = _engine_for(backend, z)
+    if eng is None:
+        return R.genscl_loss(features, soft_labels, temperature=t, base_temperature=tb)
+    acc = _acc(z)
+    y = V.check_soft_labels(soft_labels, b, v, z).detach().to(acc)
+    y_hat = y / y.norm(dim=1, keepdim=True)
+    # Every other column is in the softmax: one label for all, positives weighted like negatives.
+    dummy = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
+    lse, _, _ = _lse(eng, "genscl", 0, z, z, dummy, dummy, 0, t)
+    # Closed forms (LOSSES.md §3.2): M_i = ŷ_i·Σ_j ŷ_j − ŷ_i·ŷ_i,
+    # A_i = Σ_{j≠i} m_ij ℓ_ij = ((ŷ_i Ŷᵀ Z)·z_i − (ŷ_i·ŷ_i)‖z_i‖²)/τ.
+    zf = z.to(acc)
+    self_m = (y_hat * y_hat).sum(dim=1)
+    big_m = y_hat @ y_hat.sum(dim=0) - self_m
+    a = (((y_hat @ (y_hat.T @ zf)) * zf).sum(dim=1) - self_m * (zf * zf).sum(dim=1)) / t
+    rows = (big_m * _finite_or_zero(lse) - a) / (big_m + 1e-8)
+    return ((t / tb) * rows.mean()).to(acc)
+
+
+def tcl_loss(
+    features: Tensor,
+    labels: Tensor,
+    *,
+    temperature: float = 0.1,
+    k1: float = 5000.0,
+    k2: float = 1.0,
+    backend: str = "auto",
+) -> Tensor:
+    """Tuned Contrastive Learning (Animesh & Chandraker).
+
+    ℓ_i = log D_i − Q_i/C_i with D_i = Σ_P e^{ℓ} + k1·Σ_P e^{−s} + k2·Σ_N e^{ℓ}; the k1 term
+    uses e^{−s} without τ, as the official code does. Defaults τ = 0.1, k1 = 5000, k2 = 1
+    (the official code). Row form (the official code divides entry [i, j] by D_j, which gives
+    the same batch mean for label-defined positives). No positives: 0 (official code: NaN).
+    """
+    z, b, v = V.flatten_features(features, "features")
+    t = V.check_temperature(temperature, "temperature")
+    k1 = V.check_nonneg(k1, "k1")
+    k2 = V.check_nonneg(k2, "k2")
+    eng = _engine_for(backend, z)
+    if eng is None:
+        return R.tcl_loss(features, labels, temperature=t, k1=k1, k2=k2)
+    y = V.check_labels(labels, b, z, required=True).repeat(v)
+    log_d, psum, pcnt = _lse(eng, "tcl", 0, z, z, y, y, 0, t, {"k1": k1, "k2": k2})
+    rows = _out_rows(log_d, psum, pcnt, t)
+    return rows.mean().to(_acc(z))
+
+
+def esupcon_logits(features: Tensor, prototypes: Tensor, temperature: float = 0.1) -> Tensor:
+    """ESupCon's classifier logits z·u_k/τ, u_k = w_k/‖w_k‖: p(y=k|z) = softmax_k(logits)."""
+    V.check_tensor(features, "features")
+    if features.dim() != 2:
+        raise ValueError(f"features must have shape [N, D], got {tuple(features.shape)}")
+    V.check_prototypes(prototypes, features)
+    t = V.check_temperature(temperature, "temperature")
+    return R.esupcon_logits(features, prototypes.to(features.dtype), t)
+
+
+def esupcon_loss(
+    features: Tensor,
+    labels: Tensor,
+    prototypes: Tensor,
+    *,
+    temperature: float = 0.1,
+    base_temperature: float | None = None,
+    prototype_anchors: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    """ESupCon: SupCon over samples and learnable class prototypes (LOSSES.md §5).
+
+    This is flashcon's definition following Aljundi et al. (AAAI 2023), whose code is not
+    public: prototypes u_k = w_k/‖w_k‖ are extra columns (positive for their class) of every
+    sample anchor and, with ``prototype_anchors=True``, anchors of their own against the
+    samples (only classes present in the batch). Scaled by τ/τ_b (τ_b = τ by default), mean
+    over all anchors.
+
+    Args:
+        prototypes: ``[K, D]`` class weights (normalised inside; receive gradient).
+        labels: integer ids in ``[0, K)``.
+    """
+    z, b, v = V.flatten_features(features, "features")
+    t = V.check_temperature(temperature, "temperature")
+    tb = t if base_temperature is None else V.check_temperature(base_temperature, "base_temperature")
+    k_cls = V.check_prototypes(prototypes, z)
+    eng = _engine_for(backend, z)
+    if eng is None:
+        return R.esupcon_loss(
+            features,
+            labels,
+            prototypes,
+            temperature=t,
+            base_temperature=tb,
+            prototype_anchors=prototype_anchors,
+        )
+    y = V.check_labels(labels, b, z, required=True, num_classes=k_cls).repeat(v)
+    u = (prototypes / prototypes.norm(dim=1, keepdim=True)).to(z.dtype)
+    cls = torch.arange(k_cls, device=z.device)
+    cols = torch.cat([z, u], dim=0)
+    lse, psum, pcnt = _lse(eng, "esupcon", 0, z, cols, y, torch.cat([y, cls]), 0, t)
+    total = _out_rows(lse, psum, pcnt, t).sum()
+    count = torch.tensor(z.shape[0], dtype=lse.dtype, device=z.device)
+    if prototype_anchors:
+        # Every prototype is a row; those of classes absent from the batch have no positive,
+        # give 0 and are not counted (a static shape, so this stays compile-friendly).
+        lse_p, psum_p, pcnt_p = _lse(eng, "esupcon", 0, u, z, cls, y, -1, t)
+        total = total + _out_rows(lse_p, psum_p, pcnt_p, t).sum()
+        count = count + (pcnt_p > 0).sum().to(count.dtype)
+    return ((t / tb) * total / count).to(_acc(z))

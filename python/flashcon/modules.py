@@ -1,0 +1,175 @@
+"""``nn.Module`` wrappers of the functional losses (drop-in for the official modules)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from . import _validate as V
+from . import functional as F
+
+
+class SupConLoss(nn.Module):
+    """Drop-in for SupContrast's ``SupConLoss``: ``forward(features, labels=None, mask=None)``."""
+
+    def __init__(
+        self,
+        temperature: float = 0.07,
+        contrast_mode: str = "all",
+        base_temperature: float = 0.07,
+        variant: str = "out",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.temperature = V.check_temperature(temperature, "temperature")
+        self.base_temperature = V.check_temperature(base_temperature, "base_temperature")
+        self.contrast_mode = V.check_choice(contrast_mode, "contrast_mode", ("all", "one"))
+        self.variant = V.check_choice(variant, "variant", ("out", "in"))
+        self.backend = backend
+
+    def forward(
+        self, features: Tensor, labels: Tensor | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        return F.supcon_loss(
+            features,
+            labels,
+            mask,
+            temperature=self.temperature,
+            base_temperature=self.base_temperature,
+            contrast_mode=self.contrast_mode,
+            variant=self.variant,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self.temperature}, base_temperature={self.base_temperature}, "
+            f"contrast_mode={self.contrast_mode!r}, variant={self.variant!r}, "
+            f"backend={self.backend!r}"
+        )
+
+
+class NTXentLoss(nn.Module):
+    """NT-Xent / SimCLR: ``forward(features [B, V, D])``."""
+
+    def __init__(self, temperature: float = 0.5, backend: str = "auto") -> None:
+        super().__init__()
+        self.temperature = V.check_temperature(temperature, "temperature")
+        self.backend = backend
+
+    def forward(self, features: Tensor) -> Tensor:
+        return F.ntxent_loss(features, temperature=self.temperature, backend=self.backend)
+
+
+class SINCERELoss(nn.Module):
+    """SINCERE: ``forward(features, labels)``."""
+
+    def __init__(self, temperature: float = 0.07, backend: str = "auto") -> None:
+        super().__init__()
+        self.temperature = V.check_temperature(temperature, "temperature")
+        self.backend = backend
+
+    def forward(self, features: Tensor, labels: Tensor) -> Tensor:
+        return F.sincere_loss(features, labels, temperature=self.temperature, backend=self.backend)
+
+
+class GenSCLLoss(nn.Module):
+    """GenSCL: ``forward(features, soft_labels)`` with soft labels ``[B, K]`` or ``[B, V, K]``."""
+
+    def __init__(
+        self, temperature: float = 0.07, base_temperature: float = 0.07, backend: str = "auto"
+    ) -> None:
+        super().__init__()
+        self.temperature = V.check_temperature(temperature, "temperature")
+        self.base_temperature = V.check_temperature(base_temperature, "base_temperature")
+        self.backend = backend
+
+    def forward(self, features: Tensor, soft_labels: Tensor) -> Tensor:
+        return F.genscl_loss(
+            features,
+            soft_labels,
+            temperature=self.temperature,
+            base_temperature=self.base_temperature,
+            backend=self.backend,
+        )
+
+
+class TCLLoss(nn.Module):
+    """Tuned Contrastive Learning: ``forward(features, labels)``."""
+
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        k1: float = 5000.0,
+        k2: float = 1.0,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.temperature = V.check_temperature(temperature, "temperature")
+        self.k1 = V.check_nonneg(k1, "k1")
+        self.k2 = V.check_nonneg(k2, "k2")
+        self.backend = backend
+
+    def forward(self, features: Tensor, labels: Tensor) -> Tensor:
+        return F.tcl_loss(
+            features,
+            labels,
+            temperature=self.temperature,
+            k1=self.k1,
+            k2=self.k2,
+            backend=self.backend,
+        )
+
+
+class ESupConLoss(nn.Module):
+    """ESupCon: owns ``prototypes`` ``[K, D]`` (an ``nn.Parameter``), which double as a classifier.
+
+    ``forward(features, labels)`` returns the loss; ``logits(z)`` the classifier logits
+    z·u_k/τ (p(y=k|z) = softmax over k); ``predict(z)`` the arg-max class.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        temperature: float = 0.1,
+        base_temperature: float | None = None,
+        prototype_anchors: bool = True,
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1 or dim < 1:
+            raise ValueError(f"num_classes and dim must be >= 1, got {num_classes}, {dim}")
+        self.temperature = V.check_temperature(temperature, "temperature")
+        self.base_temperature = (
+            None
+            if base_temperature is None
+            else V.check_temperature(base_temperature, "base_temperature")
+        )
+        self.prototype_anchors = bool(prototype_anchors)
+        self.backend = backend
+        w = torch.empty(num_classes, dim, device=device, dtype=dtype)
+        nn.init.normal_(w, std=1.0 / math.sqrt(dim))
+        self.prototypes = nn.Parameter(w)
+
+    def forward(self, features: Tensor, labels: Tensor) -> Tensor:
+        return F.esupcon_loss(
+            features,
+            labels,
+            self.prototypes,
+            temperature=self.temperature,
+            base_temperature=self.base_temperature,
+            prototype_anchors=self.prototype_anchors,
+            backend=self.backend,
+        )
+
+    def logits(self, z: Tensor) -> Tensor:
+        return F.esupcon_logits(z, self.prototypes, self.temperature)
+
+    @torch.no_grad()
+    def predict(self, z: Tensor) -> Tensor:
+        return self.logits(z).argmax(dim=1)

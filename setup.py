@@ -1,0 +1,203 @@
+"""Build script for flashcon.
+
+The pure-Python package lives in ``python/flashcon``; the Triton kernels in ``triton_kernels/``
+are installed as ``flashcon.triton_kernels`` (never as a top-level ``triton_kernels``: that
+name belongs to Triton's own package). The C++ extension ``flashcon._C`` always builds its CPU
+kernels and adds the CUDA kernels when torch is a CUDA build and nvcc's major version matches
+torch's CUDA major version. No GPU is needed to build it.
+
+Environment switches (read at build time):
+
+``FLASHCON_SKIP_EXT=1``
+    Build no extension at all (pure Python; the ``torch`` and ``triton`` backends still work).
+``FLASHCON_CPU_ONLY=1``
+    Build the extension with its CPU kernels only, even when CUDA could be built.
+``FLASHCON_FORCE_CUDA=1``
+    Fail the build instead of silently dropping the CUDA kernels when they cannot be built.
+``TORCH_CUDA_ARCH_LIST``
+    Architectures of the CUDA kernels; default ``8.0;9.0`` when no GPU is visible.
+``CUDA_HOME``
+    CUDA toolkit root. When unset it is derived from the real ``nvcc`` (following wrapper
+    scripts), because torch's guess from a wrapper on the PATH can point at a folder with no
+    ``cudart``.
+``MAX_JOBS``
+    Parallel compile jobs; default: capped by cores and by memory (about 3 GiB per nvcc job).
+
+Install with ``pip install --no-build-isolation -e .`` so the build uses the torch you run.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _log(msg: str) -> None:
+    print(f"[flashcon setup] {msg}", file=sys.stderr)
+
+
+def _real_nvcc() -> str | None:
+    """Path of the real nvcc binary, following a shell wrapper's ``exec`` line if there is one."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    nvcc = os.path.realpath(nvcc)
+    try:
+        with open(nvcc, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return nvcc
+    if head.startswith(b"#!"):
+        m = re.search(rb"exec\s+(\S+/nvcc)\b", head)
+        if m:
+            return os.path.realpath(m.group(1).decode())
+    return nvcc
+
+
+def _cuda_home() -> str | None:
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    candidates = []
+    nvcc = _real_nvcc()
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(nvcc)))
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for c in candidates:
+        if os.path.exists(os.path.join(c, "include", "cuda_runtime.h")) and os.path.exists(
+            os.path.join(c, "bin", "nvcc")
+        ):
+            return c
+    return None
+
+
+def _nvcc_major(cuda_home: str) -> int | None:
+    try:
+        out = subprocess.run(
+            [os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    m = re.search(r"release (\d+)\.", out)
+    return int(m.group(1)) if m else None
+
+
+def _max_jobs() -> None:
+    if os.environ.get("MAX_JOBS"):
+        return
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem_gib = 8
+    jobs = max(1, min(os.cpu_count() or 1, int(mem_gib // 3)))
+    os.environ["MAX_JOBS"] = str(jobs)
+
+
+def _extensions() -> tuple[list, dict]:
+    if _flag("FLASHCON_SKIP_EXT"):
+        _log("FLASHCON_SKIP_EXT set: building no extension")
+        return [], {}
+
+    # CUDA_HOME must be settled before torch.utils.cpp_extension is imported: it reads it once.
+    cuda_home = _cuda_home()
+    if cuda_home and not os.environ.get("CUDA_HOME"):
+        os.environ["CUDA_HOME"] = cuda_home
+    _max_jobs()
+
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-DFLASHCON_WITH_CPU"]
+    ld_flags = ["-fopenmp"]
+
+    want_cuda = not _flag("FLASHCON_CPU_ONLY") and bool(cuda_sources)
+    why_not = None
+    if want_cuda:
+        if torch.version.cuda is None:
+            why_not = "torch is not a CUDA build"
+        elif cuda_home is None:
+            why_not = "no CUDA toolkit (nvcc with cuda_runtime.h) was found; set CUDA_HOME"
+        else:
+            major = _nvcc_major(cuda_home)
+            torch_major = int(torch.version.cuda.split(".")[0])
+            if major != torch_major:
+                why_not = f"nvcc CUDA {major} does not match torch's CUDA {torch.version.cuda}"
+    if want_cuda and why_not:
+        if _flag("FLASHCON_FORCE_CUDA"):
+            raise RuntimeError(f"FLASHCON_FORCE_CUDA is set but CUDA cannot be built: {why_not}")
+        _log(f"building CPU kernels only: {why_not}")
+        want_cuda = False
+
+    if want_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            visible = False
+            try:
+                visible = torch.cuda.is_available()
+            except Exception:  # noqa: BLE001 - a broken driver must not break the build
+                visible = False
+            if not visible:
+                os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        _log(
+            f"building CPU + CUDA kernels (CUDA_HOME={os.environ.get('CUDA_HOME')}, "
+            f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '<visible GPUs>')})"
+        )
+        ext = CUDAExtension(
+            "flashcon._C",
+            sources + cuda_sources,
+            include_dirs=include_dirs,
+            extra_compile_args={
+                "cxx": cxx_flags + ["-DFLASHCON_WITH_CUDA"],
+                "nvcc": [
+                    "-O3",
+                    "-std=c++17",
+                    "-DFLASHCON_WITH_CUDA",
+                    "--use_fast_math",
+                    "-lineinfo",
+                    "--expt-relaxed-constexpr",
+                ],
+            },
+            extra_link_args=ld_flags,
+            py_limited_api=False,
+        )
+    else:
+        ext = CppExtension(
+            "flashcon._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=ld_flags,
+        )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    packages=[
+        "flashcon",
+        "flashcon.tools",
+        "flashcon.backends",
+        "flashcon.triton_kernels",
+    ],
+    package_dir={"": "python", "flashcon.triton_kernels": "triton_kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)

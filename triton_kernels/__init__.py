@@ -1,0 +1,1 @@
+"""Triton kernels of flashcon (installed as ``flashcon.triton_kernels``)."""
