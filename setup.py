@@ -124,7 +124,7 @@ def _extensions() -> tuple[list, dict]:
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-DFLASHCON_WITH_CPU"]
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-DFLASHCON_WITH_CPU"]
     ld_flags = ["-fopenmp"]
 
     want_cuda = not _flag("FLASHCON_CPU_ONLY") and bool(cuda_sources)
@@ -166,7 +166,7 @@ def _extensions() -> tuple[list, dict]:
                 "cxx": cxx_flags + ["-DFLASHCON_WITH_CUDA"],
                 "nvcc": [
                     "-O3",
-                    "-std=c++17",
+                    "-std=c++20",
                     "-DFLASHCON_WITH_CUDA",
                     "--use_fast_math",
                     "-lineinfo",

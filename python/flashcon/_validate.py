@@ -92,9 +92,7 @@ def check_labels(
     if labels.dim() != 1:
         raise ValueError(f"{name} must have shape [B], got shape {tuple(labels.shape)}")
     if labels.shape[0] != b:
-        raise ValueError(
-            f"{name} has {labels.shape[0]} entries but features have B = {b} samples"
-        )
+        raise ValueError(f"{name} has {labels.shape[0]} entries but features have B = {b} samples")
     _same_device(labels, ref, name)
     labels = labels.long()
     if num_classes is not None and labels.numel() > 0 and _eager():
@@ -121,7 +119,7 @@ def check_mask(mask: Tensor, b: int, ref: Tensor, name: str = "mask") -> Tensor:
 
 
 def check_soft_labels(soft_labels: Tensor, b: int, v: int, ref: Tensor) -> Tensor:
-    """Validate GenSCL soft labels ``[B, K]`` or ``[B, V, K]``; returns them view-major ``[V·B, K]``."""
+    """Validate GenSCL soft labels ``[B, K]`` or ``[B, V, K]``; returns ``[V·B, K]`` view-major."""
     name = "soft_labels"
     check_tensor(soft_labels, name)
     if not soft_labels.is_floating_point():
@@ -183,6 +181,8 @@ def _as_float(x: object, name: str) -> float:
 
 
 def check_temperature(t: object, name: str = "temperature") -> float:
+    if not _eager():
+        return t  # type: ignore[return-value]  (traced: checked where the value is known)
     t = _as_float(t, name)
     if not math.isfinite(t) or t <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {t}")
@@ -190,6 +190,8 @@ def check_temperature(t: object, name: str = "temperature") -> float:
 
 
 def check_nonneg(x: object, name: str) -> float:
+    if not _eager():
+        return x  # type: ignore[return-value]
     x = _as_float(x, name)
     if not math.isfinite(x) or x < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {x}")

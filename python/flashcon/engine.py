@@ -9,7 +9,8 @@ Anchors ``q [N, D]`` with integer labels ``qlab [N]`` against columns ``k [M, D]
 accumulated in the statistics dtype (float64 for float64 inputs, float32 otherwise).
 
 ``lse_fwd(q, k, qlab, klab, self_offset, scale, w_pos, w_neg, k1) -> (lse, psum, pcnt)``
-    lse_i  = log( Σ_{j∈P(i)} [w_pos·e^{scale·s_ij} + k1·e^{−s_ij}] + Σ_{j∈N(i)} w_neg·e^{scale·s_ij} )
+    lse_i  = log( Σ_{j∈P(i)} [w_pos·e^{scale·s_ij} + k1·e^{−s_ij}]
+                  + Σ_{j∈N(i)} w_neg·e^{scale·s_ij} )
              (−inf when the sum has no term: every weight of the row's columns is 0);
     psum_i = Σ_{j∈P(i)} s_ij;  pcnt_i = |P(i)| (as a float).
     One masked, max-shifted online log-sum-exp covers SupCon's LSE over A(i) (1, 1, 0),
@@ -248,7 +249,9 @@ def cpp_available(device_type: str) -> tuple[bool, str]:
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Map ``backend`` ('auto' or a name) to a concrete backend for tensors on ``device``."""
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+        raise ValueError(
+            f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}"
+        )
     dev = device.type
     if backend == "auto":
         if dev == "cuda":

@@ -12,6 +12,10 @@ autograd composes them with the engine ops.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 from torch import Tensor
 
@@ -29,6 +33,25 @@ __all__ = [
     "esupcon_loss",
     "esupcon_logits",
 ]
+
+
+_F = TypeVar("_F", bound=Callable[..., Tensor])
+
+
+def _no_autocast(fn: _F) -> _F:
+    """Run a loss with autocast off: its statistics stay fp32 (fp64 for fp64 input) and the
+    closed-form matmuls are not downcast; the loss comes back in fp32 and gradients in the
+    input dtype."""
+
+    @functools.wraps(fn)
+    def wrapper(features, *args, **kwargs):
+        dev = features.device.type if isinstance(features, Tensor) else "cpu"
+        if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+            with torch.autocast(dev, enabled=False):
+                return fn(features, *args, **kwargs)
+        return fn(features, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _acc(x: Tensor) -> torch.dtype:
@@ -68,6 +91,7 @@ def _out_rows(lse: Tensor, psum: Tensor, pcnt: Tensor, t: float) -> Tensor:
     return torch.where(has, row, torch.zeros_like(row))
 
 
+@_no_autocast
 def supcon_loss(
     features: Tensor,
     labels: Tensor | None = None,
@@ -103,6 +127,8 @@ def supcon_loss(
     tb = V.check_temperature(base_temperature, "base_temperature")
     V.check_choice(contrast_mode, "contrast_mode", ("all", "one"))
     V.check_choice(variant, "variant", ("out", "in"))
+    if labels is not None and mask is not None:
+        raise ValueError("supcon_loss: pass either labels or mask, not both")
     eng = _engine_for(backend, z)
     if eng is None or mask is not None:
         if mask is not None and eng is not None:
@@ -137,6 +163,7 @@ def supcon_loss(
     return ((t / tb) * rows.mean()).to(_acc(z))
 
 
+@_no_autocast
 def ntxent_loss(features: Tensor, *, temperature: float = 0.5, backend: str = "auto") -> Tensor:
     """NT-Xent / SimCLR (Chen et al. 2020): positives are the other views of the same sample.
 
@@ -145,11 +172,16 @@ def ntxent_loss(features: Tensor, *, temperature: float = 0.5, backend: str = "a
     """
     V.check_multiview(features, "features")
     return supcon_loss(
-        features, None, None, temperature=temperature, base_temperature=temperature,
+        features,
+        None,
+        None,
+        temperature=temperature,
+        base_temperature=temperature,
         backend=backend,
     )
 
 
+@_no_autocast
 def sincere_loss(
     features: Tensor, labels: Tensor, *, temperature: float = 0.07, backend: str = "auto"
 ) -> Tensor:
@@ -171,6 +203,7 @@ def sincere_loss(
     return rows.mean().to(_acc(z))
 
 
+@_no_autocast
 def genscl_loss(
     features: Tensor,
     soft_labels: Tensor,
@@ -204,11 +237,20 @@ def genscl_loss(
     zf = z.to(acc)
     self_m = (y_hat * y_hat).sum(dim=1)
     big_m = y_hat @ y_hat.sum(dim=0) - self_m
-    a = (((y_hat @ (y_hat.T @ zf)) * zf).sum(dim=1) - self_m * (zf * zf).sum(dim=1)) / t
+    sq = (zf * zf).sum(dim=1)
+    a = (((y_hat @ (y_hat.T @ zf)) * zf).sum(dim=1) - self_m * sq) / t
+    # The closed form subtracts the self term from a sum over all j, so it carries a rounding
+    # error of order eps·Σ_j|ℓ_ij|, which the 1/(M_i + 1e-8) below would amplify for anchors
+    # with (nearly) no label overlap. Since m_ij >= 0, |A_i| <= M_i·max_j|ℓ_ij|: clamping to
+    # that bound is exact math and makes A_i exactly 0 when M_i = 0.
+    big_m = big_m.clamp_min(0)
+    bound = big_m * sq.sqrt() * sq.max().sqrt() / t
+    a = torch.minimum(torch.maximum(a, -bound), bound)
     rows = (big_m * _finite_or_zero(lse) - a) / (big_m + 1e-8)
     return ((t / tb) * rows.mean()).to(acc)
 
 
+@_no_autocast
 def tcl_loss(
     features: Tensor,
     labels: Tensor,
@@ -248,6 +290,7 @@ def esupcon_logits(features: Tensor, prototypes: Tensor, temperature: float = 0.
     return R.esupcon_logits(features, prototypes.to(features.dtype), t)
 
 
+@_no_autocast
 def esupcon_loss(
     features: Tensor,
     labels: Tensor,
@@ -272,7 +315,9 @@ def esupcon_loss(
     """
     z, b, v = V.flatten_features(features, "features")
     t = V.check_temperature(temperature, "temperature")
-    tb = t if base_temperature is None else V.check_temperature(base_temperature, "base_temperature")
+    tb = (
+        t if base_temperature is None else V.check_temperature(base_temperature, "base_temperature")
+    )
     k_cls = V.check_prototypes(prototypes, z)
     eng = _engine_for(backend, z)
     if eng is None:

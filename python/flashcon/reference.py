@@ -120,9 +120,7 @@ def supcon_loss(
 def ntxent_loss(features: Tensor, *, temperature: float = 0.5) -> Tensor:
     """Dense NT-Xent / SimCLR: SupCon with the sample id as label, no base-temperature scale."""
     V.check_multiview(features, "features")
-    return supcon_loss(
-        features, None, None, temperature=temperature, base_temperature=temperature
-    )
+    return supcon_loss(features, None, None, temperature=temperature, base_temperature=temperature)
 
 
 def sincere_loss(features: Tensor, labels: Tensor, *, temperature: float = 0.07) -> Tensor:

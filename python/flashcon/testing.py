@@ -1,0 +1,119 @@
+"""Helpers for testing backends against the reference (used by flashcon's own tests)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+from . import reference as R
+
+LOSSES = ("supcon", "supcon_in", "supcon_one", "ntxent", "sincere", "genscl", "tcl", "esupcon")
+
+
+def assert_close(
+    actual: Tensor, expected: Tensor, *, atol: float, rtol: float, name: str = "value"
+) -> None:
+    """Like torch.testing.assert_close, but reports the worst coordinates and values."""
+    a = actual.detach().to(torch.float64)
+    e = expected.detach().to(torch.float64)
+    if a.shape != e.shape:
+        raise AssertionError(f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}")
+    if not torch.isfinite(a).all() and not torch.equal(torch.isfinite(a), torch.isfinite(e)):
+        raise AssertionError(f"{name}: non-finite values where the reference is finite")
+    err = (a - e).abs()
+    tol = atol + rtol * e.abs()
+    bad = err > tol
+    if bad.any():
+        excess = (err - tol).flatten()
+        worst = int(torch.argmax(excess))
+        idx = (
+            tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), a.shape))
+            if a.dim()
+            else ()
+        )
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{a.numel()} elements out of tolerance "
+            f"(atol={atol:g}, rtol={rtol:g}); worst at {idx}: got {a.flatten()[worst]:.10g}, "
+            f"expected {e.flatten()[worst]:.10g} (|diff| = {err.flatten()[worst]:.3g}); "
+            f"max |diff| = {err.max():.3g}"
+        )
+
+
+def make_inputs(
+    loss: str,
+    b: int,
+    v: int,
+    d: int,
+    *,
+    n_classes: int = 3,
+    dtype: torch.dtype = torch.float64,
+    norm: float | None = 1.0,
+    device: str = "cpu",
+    seed: int = 0,
+) -> dict:
+    """Random inputs of one loss: features [B, V, D] (or [B, D] when v == 0) and its extras."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (b, d) if v == 0 else (b, v, d)
+    f = torch.randn(shape, generator=g, dtype=torch.float64)
+    if norm is not None:
+        f = norm * torch.nn.functional.normalize(f, dim=-1)
+    out = {"features": f.to(dtype).to(device)}
+    labels = torch.randint(0, n_classes, (b,), generator=g).to(device)
+    if loss in ("supcon", "supcon_in", "supcon_one", "sincere", "tcl", "esupcon"):
+        out["labels"] = labels
+    if loss == "genscl":
+        soft = torch.rand((b, max(v, 1), n_classes) if v > 1 else (b, n_classes), generator=g)
+        out["soft_labels"] = soft.to(dtype).to(device)
+    if loss == "esupcon":
+        out["prototypes"] = (
+            torch.randn(n_classes, d, generator=g, dtype=torch.float64).to(dtype).to(device)
+        )
+    return out
+
+
+def loss_fn(loss: str, backend: str | None, **options) -> Callable[..., Tensor]:
+    """A callable computing ``loss`` on make_inputs()' dict; backend None means the reference."""
+
+    def call(features, labels=None, soft_labels=None, prototypes=None):
+        kw = dict(options)
+        if backend is not None:
+            kw["backend"] = backend
+        mod = R if backend is None else F
+        if loss == "supcon":
+            return mod.supcon_loss(features, labels, **kw)
+        if loss == "supcon_in":
+            return mod.supcon_loss(features, labels, variant="in", **kw)
+        if loss == "supcon_one":
+            return mod.supcon_loss(features, labels, contrast_mode="one", **kw)
+        if loss == "ntxent":
+            return mod.ntxent_loss(features, **kw)
+        if loss == "sincere":
+            return mod.sincere_loss(features, labels, **kw)
+        if loss == "genscl":
+            return mod.genscl_loss(features, soft_labels, **kw)
+        if loss == "tcl":
+            return mod.tcl_loss(features, labels, **kw)
+        if loss == "esupcon":
+            return mod.esupcon_loss(features, labels, prototypes, **kw)
+        raise ValueError(loss)
+
+    return call
+
+
+def value_and_grads(fn: Callable[..., Tensor], inputs: dict) -> tuple[Tensor, dict]:
+    """Loss value and gradients w.r.t. features (and prototypes) of fresh leaf copies."""
+    leaves = {}
+    for key, x in inputs.items():
+        if key in ("features", "prototypes"):
+            leaves[key] = x.detach().clone().requires_grad_(True)
+        else:
+            leaves[key] = x
+    out = fn(**leaves)
+    wrt = [leaves[k] for k in ("features", "prototypes") if k in leaves]
+    grads = torch.autograd.grad(out, wrt)
+    return out.detach(), {
+        k: g for k, g in zip([k for k in ("features", "prototypes") if k in leaves], grads)
+    }

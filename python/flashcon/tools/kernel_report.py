@@ -1,0 +1,253 @@
+"""Ahead-of-time build report of the Triton engine kernels (no GPU needed).
+
+Compiles every kernel specialisation the launchers of ``flashcon.triton_kernels.launch`` can
+choose — each kernel × compile-time flag combination × input dtype (fp32 once per dot
+precision) × D bucket of the tile table × architecture — with ``triton.compile(ASTSource(...),
+target=GPUTarget("cuda", arch, 32))``, then reads each cubin with the ``cuobjdump`` shipped in
+Triton's wheel: registers, stack/local memory (spills), shared memory, and whether the SASS
+holds tensor-core instructions (HMMA; HGMMA on sm_90).
+
+Exits non-zero on a compile failure, any spill, shared memory over the architecture's limit
+(sm_80: 163 KB, sm_90: 227 KB dynamic), or a 16-bit / TF32 tile product without tensor-core
+instructions (fp32 with "ieee" precision is FMA by design).
+
+    python -m flashcon.tools.kernel_report            # everything, both architectures
+    python -m flashcon.tools.kernel_report --arch 90 --quick -j 2
+
+Must run without ``TRITON_INTERPRET=1`` (interpreted kernels cannot be compiled); the tool
+clears it for its own process before importing the kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import dataclasses
+import itertools
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+DTYPES = ("fp16", "bf16", "fp32")
+KERNELS = ("_lse_fwd_kernel", "_sp_fwd_kernel", "_bwd_dq_kernel", "_bwd_dk_kernel")
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    kernel: str
+    arch: int
+    dtype: str
+    prec: str
+    bucket: str
+    flags: tuple[tuple[str, object], ...]
+    cfg: tuple[int, int, int, int, int, int]  # block_m, block_n, block_d, block_do, warps, stages
+
+    @property
+    def label(self) -> str:
+        fl = ",".join(f"{k}={int(v)}" for k, v in self.flags)
+        prec = f"/{self.prec}" if self.dtype == "fp32" else ""
+        bm, bn, bd, bdo, w, st = self.cfg
+        tiles = f"{bm}x{bn}x{bd}" + (f"/{bdo}" if bdo else "") + f" w{w} s{st}"
+        return f"{self.kernel.strip('_')}[{self.dtype}{prec},{self.bucket},{fl}] {tiles}"
+
+
+def _clear_interpreter() -> None:
+    if os.environ.get("TRITON_INTERPRET", "0") != "0":
+        os.environ["TRITON_INTERPRET"] = "0"
+
+
+def specs(archs, quick: bool) -> list[Spec]:
+    """Every specialisation the launchers can pick (``quick``: the heaviest flag set only)."""
+    _clear_interpreter()
+    from flashcon.triton_kernels import launch
+
+    out: list[Spec] = []
+    seen = set()
+    for arch, dtype in itertools.product(archs, DTYPES):
+        bits = 32 if dtype == "fp32" else 16
+        precs = ("ieee", "tf32") if dtype == "fp32" else ("ieee",)
+        for kernel, prec in itertools.product(KERNELS, precs):
+            kind = "fwd" if "fwd" in kernel else "bwd"
+            buckets = ("any",) if kind == "fwd" else ("narrow", "wide")
+            for bucket in buckets:
+                c = launch.CONFIGS[(arch, kind, bits, bucket)]
+                cfg = (c.block_m, c.block_n, c.block_d, c.block_do, c.num_warps, c.num_stages)
+                modes = (0, 1) if kind == "bwd" else (None,)
+                for mode in modes:
+                    has_k1 = kernel == "_lse_fwd_kernel" or mode == 0
+                    grid = {
+                        "HAS_K1": (True,) if quick else (False, True),
+                        "HAS_SELF": (True,) if quick else (False, True),
+                        "EVEN_D": (False,) if quick else (False, True),
+                    }
+                    if not has_k1:
+                        grid["HAS_K1"] = (False,)
+                    for vals in itertools.product(*grid.values()):
+                        fl = dict(zip(grid, vals))
+                        if kernel == "_sp_fwd_kernel":
+                            del fl["HAS_K1"]
+                        if mode is not None:
+                            fl = {"MODE": mode, **fl}
+                        flt = tuple(fl.items())
+                        # Buckets with identical tiles are one compiled kernel.
+                        key = (kernel, arch, dtype, prec, flt, cfg)
+                        if key in seen:
+                            continue
+                        seen.add(key)
+                        out.append(Spec(kernel, arch, dtype, prec, bucket, flt, cfg))
+    return out
+
+
+def _signature(fn, spec: Spec) -> tuple[dict, dict, dict]:
+    ptr = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}[spec.dtype]
+    bm, bn, bd, bdo, _, _ = spec.cfg
+    const = dict(spec.flags)
+    const.update(DOT_PREC=spec.prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+    if "BLOCK_DO" in fn.arg_names:
+        const["BLOCK_DO"] = bdo
+    even = const.get("EVEN_D", False)
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in const:
+            sig[name] = "constexpr"
+        elif name in ("q_ptr", "k_ptr", "dq_ptr", "dk_ptr"):
+            sig[name] = ptr
+        elif name in ("qlab_ptr", "klab_ptr"):
+            sig[name] = "*i64"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
+        elif name in ("scale", "log_w_pos", "log_w_neg", "log_k1"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+        # What the runtime specialises on: torch allocations are 16-byte aligned; with an
+        # even D (a multiple of the chunk) D and the row strides are multiples of 16.
+        if sig[name].startswith("*") or (even and (name == "D" or name.startswith("stride"))):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, const, attrs
+
+
+def _tools() -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+def compile_one(spec: Spec) -> dict:
+    """Compile one specialisation and read its resources; never raises (errors are rows)."""
+    _clear_interpreter()
+    row = {"label": spec.label, "arch": spec.arch, "spec": spec}
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        from flashcon.triton_kernels import lse as K
+
+        fn = getattr(K, spec.kernel)
+        sig, const, attrs = _signature(fn, spec)
+        src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
+        _, _, _, _, warps, stages = spec.cfg
+        t0 = time.time()
+        ck = triton.compile(
+            src,
+            target=GPUTarget("cuda", spec.arch, 32),
+            options={"num_warps": warps, "num_stages": stages},
+        )
+        row["compile_s"] = time.time() - t0
+        cubin = ck.asm["cubin"]
+        row["shared"] = int(ck.metadata.shared)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "k.cubin"
+            path.write_bytes(cubin)
+            cuobjdump = str(_tools() / "cuobjdump")
+            res = subprocess.run(
+                [cuobjdump, "-res-usage", str(path)], capture_output=True, text=True, check=True
+            ).stdout
+            sass = subprocess.run(
+                [cuobjdump, "-sass", str(path)], capture_output=True, text=True, check=True
+            ).stdout
+        fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", res))
+        row["regs"] = int(fields.get("REG", -1))
+        row["stack"] = int(fields.get("STACK", 0))
+        row["local"] = int(fields.get("LOCAL", 0))
+        row["shared"] = max(row["shared"], int(fields.get("SHARED", 0)))
+        row["hmma"] = len(re.findall(r"\bHMMA\b", sass))
+        row["hgmma"] = len(re.findall(r"\bHGMMA\b", sass))
+        row["ffma"] = len(re.findall(r"\bFFMA\b", sass))
+    except Exception as e:  # noqa: BLE001 - a failed compile is a row of the report
+        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e) else ''}"
+    return row
+
+
+def verdict(row: dict) -> list[str]:
+    spec: Spec = row["spec"]
+    if "error" in row:
+        return [f"compile failed: {row['error']}"]
+    bad = []
+    if row["stack"] or row["local"]:
+        bad.append(f"spills (stack {row['stack']} B, local {row['local']} B)")
+    if row["shared"] > SHARED_LIMIT[spec.arch]:
+        bad.append(f"shared {row['shared']} B > {SHARED_LIMIT[spec.arch]} B")
+    needs_mma = spec.dtype != "fp32" or spec.prec == "tf32"
+    if needs_mma and not (row["hmma"] or row["hgmma"]):
+        bad.append("no tensor-core instruction (HMMA/HGMMA) for a 16-bit/tf32 product")
+    return bad
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", type=int, choices=(80, 90), action="append", help="repeatable")
+    p.add_argument("--quick", action="store_true", help="one (heaviest) flag set per kernel")
+    p.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--kernel", choices=KERNELS, action="append", help="restrict (repeatable)")
+    args = p.parse_args(argv)
+    archs = tuple(args.arch or (80, 90))
+    todo = specs(archs, args.quick)
+    if args.kernel:
+        todo = [s for s in todo if s.kernel in args.kernel]
+    print(f"compiling {len(todo)} specialisations for sm_{', sm_'.join(map(str, archs))} "
+          f"with {args.jobs} jobs", flush=True)  # fmt: skip
+    rows = []
+    t0 = time.time()
+    with cf.ProcessPoolExecutor(max_workers=max(1, args.jobs)) as ex:
+        futs = [ex.submit(compile_one, s) for s in todo]
+        for i, f in enumerate(cf.as_completed(futs), 1):
+            row = f.result()
+            rows.append(row)
+            status = "FAIL" if verdict(row) else "ok"
+            print(f"[{i}/{len(todo)} {time.time() - t0:6.1f}s] {status:4} sm_{row['arch']} "
+                  f"{row['label']}", file=sys.stderr, flush=True)  # fmt: skip
+    rows.sort(key=lambda r: (r["arch"], r["label"]))
+    width = max(len(r["label"]) for r in rows) if rows else 10
+    head = (
+        f"{'kernel specialisation':{width}}  arch   regs  spill(B)  smem(B)  HMMA  HGMMA  verdict"
+    )
+    print(head)
+    print("-" * len(head))
+    failed = 0
+    for r in rows:
+        bad = verdict(r)
+        failed += bool(bad)
+        if "error" in r:
+            print(f"{r['label']:{width}}  sm_{r['arch']}  {'-':>4}  {'-':>8}  {'-':>7}  {'-':>4}  "
+                  f"{'-':>5}  FAIL: {'; '.join(bad)}")  # fmt: skip
+            continue
+        spill = r["stack"] + r["local"]
+        mark = "ok" if not bad else "FAIL: " + "; ".join(bad)
+        if not bad and r["spec"].dtype == "fp32" and r["spec"].prec == "ieee":
+            mark = "ok (ieee fp32: FFMA by design)"
+        print(f"{r['label']:{width}}  sm_{r['arch']}  {r['regs']:>4}  {spill:>8}  "
+              f"{r['shared']:>7}  {r['hmma']:>4}  {r['hgmma']:>5}  {mark}")  # fmt: skip
+    print(f"{len(rows)} specialisations, {failed} failing, {time.time() - t0:.0f}s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    _clear_interpreter()
+    sys.exit(main())

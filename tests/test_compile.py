@@ -1,0 +1,111 @@
+"""torch.compile: every loss traces into one graph, matches eager, and is shape-dynamic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo.testing
+
+import flashcon
+from flashcon.engine import cpp_available
+from flashcon.testing import LOSSES, assert_close, loss_fn, make_inputs, value_and_grads
+
+BACKENDS = ["torch"] + (["cpu"] if cpp_available("cpu")[0] else [])
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _inputs(loss, b, dtype=torch.float32):
+    return make_inputs(loss, b, 2, 16, dtype=dtype, seed=b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_no_graph_breaks(loss, backend):
+    fn = loss_fn(loss, backend)
+    explanation = torch._dynamo.explain(fn)(**_inputs(loss, 6))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_compiled_matches_eager_without_recompiling(loss, backend):
+    fn = loss_fn(loss, backend)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, backend=counter, fullgraph=True, dynamic=True)
+    after_first = None
+    for b in (6, 9, 13):  # only the batch size changes
+        x = _inputs(loss, b)
+        ref_val, ref_g = value_and_grads(fn, x)
+        val, g = value_and_grads(compiled, x)
+        assert_close(val, ref_val, atol=1e-6, rtol=1e-6, name="loss")
+        for key in ref_g:
+            assert_close(g[key], ref_g[key], atol=1e-6, rtol=1e-5, name=f"d{key}")
+        after_first = counter.frame_count if after_first is None else after_first
+    assert counter.frame_count == after_first, "recompiled when only the batch size changed"
+
+
+def test_model_step_compiles_end_to_end_with_inductor():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    crit = flashcon.SupConLoss(temperature=0.1, backend=BACKENDS[-1])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+
+    def step(x, y):
+        opt.zero_grad(set_to_none=True)
+        z = torch.nn.functional.normalize(model(x), dim=-1)
+        loss = crit(z.view(-1, 2, 8), y)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    compiled = torch.compile(step, fullgraph=False)
+    x = torch.randn(32, 12)
+    y = torch.randint(0, 4, (16,))
+    eager_model = [p.detach().clone() for p in model.parameters()]
+    first = compiled(x, y)
+    later = [compiled(x, y) for _ in range(5)][-1]
+    assert torch.isfinite(first) and later < first
+    assert any(not torch.equal(a, b) for a, b in zip(eager_model, model.parameters()))
+
+
+def test_loss_fullgraph_with_inductor():
+    fn = loss_fn("supcon", BACKENDS[-1], temperature=0.1)
+    x = _inputs("supcon", 8)
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+    ref_val, ref_g = value_and_grads(fn, x)
+    val, g = value_and_grads(compiled, x)
+    assert_close(val, ref_val, atol=1e-6, rtol=1e-6)
+    assert_close(g["features"], ref_g["features"], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_autocast_keeps_fp32_statistics(loss, backend):
+    x = _inputs(loss, 7)
+    feats = x["features"].detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = feats * 1.0  # an autocast region around the loss, as in a training step
+        out = loss_fn(loss, backend)(**{**x, "features": h})
+    assert out.dtype == torch.float32
+    out.backward()
+    assert feats.grad.dtype == feats.dtype
+    ref = loss_fn(loss, backend)(**x)
+    assert_close(out, ref, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_bf16_features(backend):
+    x = _inputs("supcon", 7)
+    feats = x["features"].to(torch.bfloat16).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = flashcon.supcon_loss(feats, x["labels"], backend=backend)
+    assert out.dtype == torch.float32
+    out.backward()
+    assert feats.grad.dtype == torch.bfloat16

@@ -1,0 +1,142 @@
+"""backend='torch' (chunked PyTorch streaming) against the float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashcon.backends import torch_stream
+from flashcon.engine import _TORCH_OPS
+from flashcon.testing import LOSSES, assert_close, loss_fn, make_inputs, value_and_grads
+
+SHAPES = [(1, 0, 3), (3, 1, 7), (5, 2, 1), (7, 3, 16), (37, 2, 33), (65, 2, 130)]
+OPTIONS = {
+    "supcon": [{}, {"temperature": 0.1, "base_temperature": 0.07}],
+    "supcon_in": [{}],
+    "supcon_one": [{}],
+    "ntxent": [{}],
+    "sincere": [{}, {"temperature": 0.5}],
+    "genscl": [{}],
+    "tcl": [{}, {"k1": 0.0, "k2": 2.0}, {"k1": 10.0, "k2": 0.0}],
+    "esupcon": [{}, {"prototype_anchors": False, "base_temperature": 0.2}],
+}
+
+
+def _cases():
+    for loss in LOSSES:
+        for i, opt in enumerate(OPTIONS[loss]):
+            for b, v, d in SHAPES:
+                if loss == "ntxent" and v == 0:
+                    continue
+                yield pytest.param(loss, opt, (b, v, d), id=f"{loss}-opt{i}-B{b}V{v}D{d}")
+
+
+@pytest.mark.parametrize("loss, options, shape", list(_cases()))
+@pytest.mark.parametrize("chunk", [1 << 21, 64], ids=["onechunk", "chunk64"])
+def test_parity_float64(loss, options, shape, chunk, monkeypatch):
+    monkeypatch.setenv("FLASHCON_TORCH_CHUNK_ELEMS", str(chunk))
+    b, v, d = shape
+    x = make_inputs(loss, b, v, d, n_classes=3, norm=None if d > 8 else 1.0)
+    ref_val, ref_g = value_and_grads(loss_fn(loss, None, **options), x)
+    val, g = value_and_grads(loss_fn(loss, "torch", **options), x)
+    assert_close(val, ref_val, atol=1e-10, rtol=1e-10, name="loss")
+    for key in ref_g:
+        assert_close(g[key], ref_g[key], atol=1e-10, rtol=1e-9, name=f"d{key}")
+
+
+@pytest.mark.parametrize("labels", ["same", "singleton"])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_label_extremes(loss, labels):
+    x = make_inputs(loss, 9, 2, 5)
+    if "labels" in x:
+        x["labels"] = torch.zeros(9, dtype=torch.long) if labels == "same" else torch.arange(9)
+        if loss == "esupcon":
+            x["prototypes"] = torch.randn(9, 5, dtype=torch.float64)
+    ref_val, ref_g = value_and_grads(loss_fn(loss, None), x)
+    val, g = value_and_grads(loss_fn(loss, "torch"), x)
+    assert_close(val, ref_val, atol=1e-10, rtol=1e-10)
+    for key in ref_g:
+        assert_close(g[key], ref_g[key], atol=1e-10, rtol=1e-9, name=f"d{key}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_low_precision_within_twice_torch_error(loss, dtype):
+    """|flashcon − ref64| <= 2·|dense reference in dtype − ref64| + atol (STYLE.md)."""
+    x = make_inputs(loss, 40, 2, 32, dtype=dtype)
+    x64 = {k: (t.double() if t.is_floating_point() else t) for k, t in x.items()}
+    opts = {"temperature": 0.1}
+    gt_val, gt_g = value_and_grads(loss_fn(loss, None, **opts), x64)
+    dense_val, dense_g = value_and_grads(loss_fn(loss, None, **opts), x)
+    val, g = value_and_grads(loss_fn(loss, "torch", **opts), x)
+    assert val.dtype == (torch.float32 if dtype != torch.float64 else dtype)
+    atol = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-4}[dtype]
+    err = (val.double() - gt_val).abs()
+    assert err <= 2 * (dense_val.double() - gt_val).abs() + atol, (err, dense_val, gt_val)
+    for key in gt_g:
+        assert g[key].dtype == dtype
+        e = (g[key].double() - gt_g[key]).abs().max()
+        e_dense = (dense_g[key].double() - gt_g[key]).abs().max()
+        assert e <= 2 * e_dense + atol, (key, e, e_dense)
+
+
+@pytest.mark.parametrize("self_offset", [-1, 0, 3])
+def test_ops_opcheck(self_offset):
+    lse_fwd, lse_bwd, sp_fwd, sp_bwd = _TORCH_OPS
+    q = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    qlab = torch.randint(0, 3, (7,))
+    klab = torch.randint(0, 3, (11,))
+    torch.library.opcheck(lse_fwd, (q, k, qlab, klab, self_offset, 2.0, 1.0, 0.5, 3.0))
+    eta = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(sp_fwd, (q, k, qlab, klab, eta, self_offset, 2.0))
+    lse = torch_stream.lse_fwd(q, k, qlab, klab, self_offset, 2.0, 1.0, 0.5, 3.0)[0].detach()
+    g = torch.randn(7, dtype=torch.float64)
+    torch.library.opcheck(
+        lse_bwd, (g, g, q.detach(), k.detach(), qlab, klab, lse, self_offset, 2.0, 1.0, 0.5, 3.0)
+    )
+    torch.library.opcheck(
+        sp_bwd, (g, q.detach(), k.detach(), qlab, klab, eta.detach(), self_offset, 2.0)
+    )
+
+
+def test_ops_gradcheck_rectangular():
+    lse_fwd, _, sp_fwd, _ = _TORCH_OPS
+    q = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    eta = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    qlab = torch.tensor([0, 1, 2, 0, 1, 2])
+    klab = torch.randint(0, 3, (9,))
+
+    def f(q, k, eta):
+        lse, psum, _ = lse_fwd(q, k, qlab, klab, 2, 1.5, 1.0, 2.0, 4.0)
+        sp, _ = sp_fwd(q, k, qlab, klab, eta, 2, 1.5)
+        return lse.sum() + (psum * 0.3).sum() + sp.sum()
+
+    assert torch.autograd.gradcheck(f, (q, k, eta))
+
+
+def test_peak_memory_is_chunked(monkeypatch):
+    """The largest temporary is one chunk (chunk_rows × M), not N × M."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        biggest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    Largest.biggest = max(Largest.biggest, t.numel())
+            return out
+
+    n, d = 2048, 16
+    monkeypatch.setenv("FLASHCON_TORCH_CHUNK_ELEMS", str(1 << 16))
+    f = torch.randn(n // 2, 2, d, requires_grad=True)
+    y = torch.randint(0, 10, (n // 2,))
+    from flashcon import supcon_loss
+
+    with Largest():
+        supcon_loss(f, y, backend="torch").backward()
+    assert Largest.biggest <= max(n * d, 1 << 16) * 2, Largest.biggest
+    assert Largest.biggest < n * n // 8

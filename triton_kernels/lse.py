@@ -1,0 +1,435 @@
+"""Triton kernels of the streaming engine: masked log-sum-exp, SINCERE's softplus pass, backward.
+
+The four functions of the engine contract (``flashcon.engine``; executable statement in
+``flashcon.backends.torch_stream``) over anchors ``q [N, D]`` and columns ``k [M, D]``:
+
+- ``lse_fwd``: lse_i = log(Σ_{P(i)} [w_pos e^{scale·s_ij} + k1 e^{−s_ij}] + Σ_{N(i)} w_neg e^{scale·s_ij}),
+  psum_i = Σ_{P(i)} s_ij, pcnt_i = |P(i)|  (LOSSES.md §0, §4.2 for the k1 stream);
+- ``sp_fwd``: sp_i = Σ_{P(i)} softplus(η_i − scale·s_ij), r_i = Σ_{P(i)} σ(η_i − scale·s_ij)
+  (SINCERE's second pass, LOSSES.md §2);
+- ``lse_bwd`` / ``sp_bwd``: G_ij as in the contract, dq = G·k, dk = Gᵀ·q.
+
+Tiling
+------
+Forward (``_lse_fwd_kernel``, ``_sp_fwd_kernel``): one program per BLOCK_M anchor rows streams
+over BLOCK_N column tiles. Each similarity tile s = q_blk·k_tileᵀ is accumulated in fp32 over D
+in BLOCK_D chunks (``_sim_tile``), so D is unbounded and no [BLOCK_M, D] register tile exists.
+The lse is an online log-sum-exp: a running max m_i and a sum l_i rescaled by e^{m_old − m_new}
+whenever the max grows; every exponent, including TCL's k1 term log(k1) − s_ij, is shifted by
+the same running max, so nothing is exponentiated unshifted (fp16/bf16 logits overflow e^x
+above 11.09, LOSSES.md §6).
+
+Weights enter as log-weights (log 0 = −inf): a zero weight then contributes exactly e^{−inf} = 0
+and the rest of the row is unchanged. The weighted sum costs one exponential per pair whatever
+the weights are, so the weights are runtime values; the flags that change the work per pair
+are compile-time: ``HAS_K1`` (TCL's second exponential stream), ``HAS_SELF`` (the self-column
+compare) and ``EVEN_D`` (no D-tail masks). ``MODE`` selects the lse or softplus gradient in the
+backward kernels.
+
+Saved for backward: the forward saves only the O(N) row statistics (lse, or η and r for the
+softplus pass); the backward recomputes each similarity tile from q and k.
+
+Backward (deterministic, no atomics): two kernels per op.
+``_bwd_dq_kernel`` owns BLOCK_M anchor rows × BLOCK_DO output features and streams over column
+tiles: recompute s, form G (fp32), dq_blk += G·k_tile[:, d-chunk]. ``_bwd_dk_kernel`` owns
+BLOCK_N columns × BLOCK_DO features and streams over anchor-row tiles computing the transposed
+tile sᵀ = k_blk·q_tileᵀ directly, so dk_blk += Gᵀ·q_tile[:, d-chunk] is again a plain
+row-block accumulation. Every output element is written once by one program, in a fixed
+summation order: results are bitwise reproducible. The price is recomputing s twice (and once
+more per extra D-out chunk when D > BLOCK_DO), instead of atomically adding partial dk tiles.
+
+Precision: tile products accumulate in fp32 (``tl.dot`` with an fp32 accumulator); statistics
+are fp32; G is rounded to the input dtype for the tensor-core products G·k and Gᵀ·q (as the
+flash-attention backward does with its probabilities). For fp32 inputs ``DOT_PREC`` is "ieee"
+unless PyTorch's own fp32 matmul precision allows TF32 (see ``launch.py``).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Mode of the backward kernels.
+MODE_LSE = 0
+MODE_SP = 1
+
+
+@triton.jit
+def _sim_tile(
+    a_ptr,
+    b_ptr,
+    offs_a,
+    offs_b,
+    mask_a,
+    mask_b,
+    stride_a,
+    stride_b,
+    D,
+    BA: tl.constexpr,
+    BB: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """fp32 [BA, BB] = a[offs_a, :] · b[offs_b, :]ᵀ, streamed over D in BLOCK_D chunks.
+
+    Rows outside the tensors load as 0 (their similarities are masked by the caller).
+    """
+    acc = tl.zeros([BA, BB], dtype=tl.float32)
+    offs_d = tl.arange(0, BLOCK_D)
+    # int64 row offsets: row·stride passes 2^31 for N·D ≥ 2^31 elements.
+    a_rows = a_ptr + offs_a.to(tl.int64)[:, None] * stride_a
+    b_rows = b_ptr + offs_b.to(tl.int64)[:, None] * stride_b
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + offs_d
+        if EVEN_D:
+            a = tl.load(a_rows + d[None, :], mask=mask_a[:, None], other=0.0)
+            b = tl.load(b_rows + d[None, :], mask=mask_b[:, None], other=0.0)
+        else:
+            d_ok = d[None, :] < D
+            a = tl.load(a_rows + d[None, :], mask=mask_a[:, None] & d_ok, other=0.0)
+            b = tl.load(b_rows + d[None, :], mask=mask_b[:, None] & d_ok, other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
+def _pair_masks(rows, cols, row_ok, col_ok, same, self_offset, HAS_SELF: tl.constexpr):
+    """(positive, negative) masks of a tile; ``rows``/``cols`` broadcast to the tile shape."""
+    valid = row_ok & col_ok
+    if HAS_SELF:
+        valid = valid & (cols != rows + self_offset)
+    return valid & same, valid & (same == 0)
+
+
+@triton.jit
+def _sigmoid_softplus(x):
+    """σ(x) and softplus(x) without overflow: both from z = e^{−|x|} ∈ (0, 1]."""
+    z = tl.exp(-tl.abs(x))
+    inv = 1.0 / (1.0 + z)
+    sig = tl.where(x >= 0, inv, z * inv)
+    # log1p(z): log(1 + z) loses z's digits when z < ~1e-4; the series is exact there.
+    log1p_z = tl.where(z < 1e-4, z * (1.0 - 0.5 * z), tl.log(1.0 + z))
+    sp = tl.maximum(x, 0.0) + log1p_z
+    return sig, sp
+
+
+@triton.jit
+def _lse_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    qlab_ptr,
+    klab_ptr,
+    lse_ptr,
+    psum_ptr,
+    pcnt_ptr,
+    N,
+    M,
+    D,
+    stride_qm,
+    stride_km,
+    self_offset,
+    scale,
+    log_w_pos,
+    log_w_neg,
+    log_k1,
+    HAS_K1: tl.constexpr,
+    HAS_SELF: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < N
+    qlab = tl.load(qlab_ptr + offs_m, mask=row_ok, other=0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    psum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    pcnt = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for n0 in range(0, M, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < M
+        klab = tl.load(klab_ptr + offs_n, mask=col_ok, other=0)
+        s = _sim_tile(
+            q_ptr, k_ptr, offs_m, offs_n, row_ok, col_ok, stride_qm, stride_km, D,
+            BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PREC,
+        )  # fmt: skip
+        same = qlab[:, None] == klab[None, :]
+        pos, neg = _pair_masks(
+            offs_m[:, None], offs_n[None, :], row_ok[:, None], col_ok[None, :], same,
+            self_offset, HAS_SELF,
+        )  # fmt: skip
+        # Exponent of each term of the weighted sum; −inf where the pair has no term.
+        t = tl.where(pos, scale * s + log_w_pos, float("-inf"))
+        t = tl.where(neg, scale * s + log_w_neg, t)
+        m_new = tl.maximum(m_i, tl.max(t, axis=1))
+        if HAS_K1:
+            # TCL's k1·e^{−s} term (no temperature): exponent log(k1) − s, same running max.
+            t1 = tl.where(pos, log_k1 - s, float("-inf"))
+            m_new = tl.maximum(m_new, tl.max(t1, axis=1))
+        # A row with no term yet keeps m = −inf; shift by 0 there so that no −inf − (−inf)
+        # (NaN) is formed: every e^{t − 0} with t = −inf is 0 and l stays 0.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp(m_i - m_use) + tl.sum(tl.exp(t - m_use[:, None]), axis=1)
+        if HAS_K1:
+            l_i += tl.sum(tl.exp(t1 - m_use[:, None]), axis=1)
+        m_i = m_new
+        psum += tl.sum(tl.where(pos, s, 0.0), axis=1)
+        pcnt += tl.sum(pos.to(tl.float32), axis=1)
+
+    # l_i = 0 exactly when m_i = −inf (no term): lse = −inf, as the contract says (log is
+    # taken of 1 there so that no log 0 is evaluated).
+    has = l_i > 0
+    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+    tl.store(lse_ptr + offs_m, lse, mask=row_ok)
+    tl.store(psum_ptr + offs_m, psum, mask=row_ok)
+    tl.store(pcnt_ptr + offs_m, pcnt, mask=row_ok)
+
+
+@triton.jit
+def _sp_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    qlab_ptr,
+    klab_ptr,
+    eta_ptr,
+    sp_ptr,
+    r_ptr,
+    N,
+    M,
+    D,
+    stride_qm,
+    stride_km,
+    self_offset,
+    scale,
+    HAS_SELF: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < N
+    qlab = tl.load(qlab_ptr + offs_m, mask=row_ok, other=0)
+    eta = tl.load(eta_ptr + offs_m, mask=row_ok, other=0.0)
+
+    sp = tl.zeros([BLOCK_M], dtype=tl.float32)
+    r = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for n0 in range(0, M, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < M
+        klab = tl.load(klab_ptr + offs_n, mask=col_ok, other=0)
+        s = _sim_tile(
+            q_ptr, k_ptr, offs_m, offs_n, row_ok, col_ok, stride_qm, stride_km, D,
+            BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PREC,
+        )  # fmt: skip
+        same = qlab[:, None] == klab[None, :]
+        pos, _ = _pair_masks(
+            offs_m[:, None], offs_n[None, :], row_ok[:, None], col_ok[None, :], same,
+            self_offset, HAS_SELF,
+        )  # fmt: skip
+        # η = −inf (no negatives) gives x = −inf: σ = 0 and softplus = 0, no NaN.
+        x = eta[:, None] - scale * s
+        sig, spl = _sigmoid_softplus(x)
+        sp += tl.sum(tl.where(pos, spl, 0.0), axis=1)
+        r += tl.sum(tl.where(pos, sig, 0.0), axis=1)
+
+    tl.store(sp_ptr + offs_m, sp, mask=row_ok)
+    tl.store(r_ptr + offs_m, r, mask=row_ok)
+
+
+@triton.jit
+def _grad_tile(
+    s,
+    pos,
+    neg,
+    g0,
+    stat,
+    g1,
+    scale,
+    log_w_pos,
+    log_w_neg,
+    log_k1,
+    MODE: tl.constexpr,
+    HAS_K1: tl.constexpr,
+):
+    """G tile (fp32) from a similarity tile and the anchors' statistics broadcast to it.
+
+    MODE_LSE: g0 = g_lse, stat = lse (−inf replaced by 0), g1 = g_psum;
+        G = g0·(scale·w·e^{scale·s − lse} − [P]·k1·e^{−s − lse}) + g1·[P].
+    MODE_SP: g0 = g_sp, stat = η;  G = −g0·scale·σ(η − scale·s)·[P].
+    """
+    if MODE == 0:
+        # Same exponents as the forward; absent terms are −inf and give exactly 0, and so
+        # does every pair of a row whose lse is −inf (stat = 0 there, all terms −inf).
+        t = tl.where(pos, scale * s + log_w_pos, float("-inf"))
+        t = tl.where(neg, scale * s + log_w_neg, t)
+        g = scale * tl.exp(t - stat)
+        if HAS_K1:
+            g -= tl.exp(tl.where(pos, log_k1 - s, float("-inf")) - stat)
+        g = g0 * g + tl.where(pos, g1, 0.0)
+    else:
+        sig, _ = _sigmoid_softplus(stat - scale * s)
+        g = tl.where(pos, -(g0 * scale) * sig, 0.0)
+    return g
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    q_ptr,
+    k_ptr,
+    qlab_ptr,
+    klab_ptr,
+    g0_ptr,
+    stat_ptr,
+    g1_ptr,
+    dq_ptr,
+    N,
+    M,
+    D,
+    stride_qm,
+    stride_km,
+    stride_dqm,
+    self_offset,
+    scale,
+    log_w_pos,
+    log_w_neg,
+    log_k1,
+    MODE: tl.constexpr,
+    HAS_K1: tl.constexpr,
+    HAS_SELF: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
+):
+    """dq[rows, d-chunk] = Σ over column tiles of G_tile · k_tile[:, d-chunk]."""
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < N
+    offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    qlab = tl.load(qlab_ptr + offs_m, mask=row_ok, other=0)
+    g0 = tl.load(g0_ptr + offs_m, mask=row_ok, other=0.0)
+    stat = tl.load(stat_ptr + offs_m, mask=row_ok, other=0.0)
+    g1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if MODE == 0:
+        stat = tl.where(stat == float("-inf"), 0.0, stat)
+        g1 = tl.load(g1_ptr + offs_m, mask=row_ok, other=0.0)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_DO], dtype=tl.float32)
+    for n0 in range(0, M, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < M
+        klab = tl.load(klab_ptr + offs_n, mask=col_ok, other=0)
+        s = _sim_tile(
+            q_ptr, k_ptr, offs_m, offs_n, row_ok, col_ok, stride_qm, stride_km, D,
+            BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PREC,
+        )  # fmt: skip
+        same = qlab[:, None] == klab[None, :]
+        pos, neg = _pair_masks(
+            offs_m[:, None], offs_n[None, :], row_ok[:, None], col_ok[None, :], same,
+            self_offset, HAS_SELF,
+        )  # fmt: skip
+        g = _grad_tile(
+            s, pos, neg, g0[:, None], stat[:, None], g1[:, None], scale, log_w_pos,
+            log_w_neg, log_k1, MODE, HAS_K1,
+        )  # fmt: skip
+        k_ptrs = k_ptr + offs_n.to(tl.int64)[:, None] * stride_km + offs_do[None, :]
+        if EVEN_D:
+            kd = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
+        else:
+            kd = tl.load(k_ptrs, mask=col_ok[:, None] & (offs_do[None, :] < D), other=0.0)
+        acc = tl.dot(g.to(kd.dtype), kd, acc, input_precision=DOT_PREC)
+
+    dq_ptrs = dq_ptr + offs_m.to(tl.int64)[:, None] * stride_dqm + offs_do[None, :]
+    out_ok = row_ok[:, None] & (offs_do[None, :] < D)
+    tl.store(dq_ptrs, acc.to(dq_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
+def _bwd_dk_kernel(
+    q_ptr,
+    k_ptr,
+    qlab_ptr,
+    klab_ptr,
+    g0_ptr,
+    stat_ptr,
+    g1_ptr,
+    dk_ptr,
+    N,
+    M,
+    D,
+    stride_qm,
+    stride_km,
+    stride_dkm,
+    self_offset,
+    scale,
+    log_w_pos,
+    log_w_neg,
+    log_k1,
+    MODE: tl.constexpr,
+    HAS_K1: tl.constexpr,
+    HAS_SELF: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
+):
+    """dk[cols, d-chunk] = Σ over anchor-row tiles of Gᵀ_tile · q_tile[:, d-chunk].
+
+    Here the program owns BLOCK_N columns (the tile's first axis) and streams BLOCK_M anchor
+    rows (its second axis); the anchors' statistics broadcast along axis 0.
+    """
+    pid_n = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < M
+    offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    klab = tl.load(klab_ptr + offs_n, mask=col_ok, other=0)
+
+    acc = tl.zeros([BLOCK_N, BLOCK_DO], dtype=tl.float32)
+    for m0 in range(0, N, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < N
+        qlab = tl.load(qlab_ptr + offs_m, mask=row_ok, other=0)
+        g0 = tl.load(g0_ptr + offs_m, mask=row_ok, other=0.0)
+        stat = tl.load(stat_ptr + offs_m, mask=row_ok, other=0.0)
+        g1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if MODE == 0:
+            stat = tl.where(stat == float("-inf"), 0.0, stat)
+            g1 = tl.load(g1_ptr + offs_m, mask=row_ok, other=0.0)
+        # sᵀ tile [BLOCK_N, BLOCK_M] = k_blk · q_tileᵀ.
+        st = _sim_tile(
+            k_ptr, q_ptr, offs_n, offs_m, col_ok, row_ok, stride_km, stride_qm, D,
+            BLOCK_N, BLOCK_M, BLOCK_D, EVEN_D, DOT_PREC,
+        )  # fmt: skip
+        same = klab[:, None] == qlab[None, :]
+        pos, neg = _pair_masks(
+            offs_m[None, :], offs_n[:, None], row_ok[None, :], col_ok[:, None], same,
+            self_offset, HAS_SELF,
+        )  # fmt: skip
+        gt = _grad_tile(
+            st, pos, neg, g0[None, :], stat[None, :], g1[None, :], scale, log_w_pos,
+            log_w_neg, log_k1, MODE, HAS_K1,
+        )  # fmt: skip
+        q_ptrs = q_ptr + offs_m.to(tl.int64)[:, None] * stride_qm + offs_do[None, :]
+        if EVEN_D:
+            qd = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            qd = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_do[None, :] < D), other=0.0)
+        acc = tl.dot(gt.to(qd.dtype), qd, acc, input_precision=DOT_PREC)
+
+    dk_ptrs = dk_ptr + offs_n.to(tl.int64)[:, None] * stride_dkm + offs_do[None, :]
+    out_ok = col_ok[:, None] & (offs_do[None, :] < D)
+    tl.store(dk_ptrs, acc.to(dk_ptr.dtype.element_ty), mask=out_ok)
