@@ -20,6 +20,7 @@ from .functional import (
     tcl_loss,
 )
 from .modules import ESupConLoss, GenSCLLoss, NTXentLoss, SINCERELoss, SupConLoss, TCLLoss
+from .queue import MemoryQueue
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "BackendUnavailableError",
     "ESupConLoss",
     "GenSCLLoss",
+    "MemoryQueue",
     "NTXentLoss",
     "SINCERELoss",
     "SupConLoss",

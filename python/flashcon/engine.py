@@ -39,7 +39,7 @@ callables the losses use.
 from __future__ import annotations
 
 import dataclasses
-import functools
+import os
 from collections.abc import Callable
 
 import torch
@@ -200,48 +200,54 @@ register_backend_autograd(*_TORCH_OPS)
 # --------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def _cpp_ops() -> tuple | None:
+# Discovery runs once, eagerly, when flashcon is imported: a torch.compile trace must only
+# read its results (registering ops or importing modules inside a trace breaks the graph).
+_OPS: dict[str, tuple | None] = {"torch": None}
+_WHY: dict[str, str] = {}
+_CPP_HAS_CUDA = False
+
+
+def _discover_cpp() -> None:
+    global _CPP_HAS_CUDA
     from . import _ext
 
     if not _ext.load():
-        return None
+        _OPS["cpp"] = None
+        _WHY["cpp"] = f"the C++ extension flashcon._C is not available: {_ext.why_unavailable()}"
+        return
     ops = torch.ops.flashcon
     fwd_bwd = (ops.lse_fwd.default, ops.lse_bwd.default, ops.sp_fwd.default, ops.sp_bwd.default)
     register_fakes(*fwd_bwd)
     register_backend_autograd(*fwd_bwd)
-    return fwd_bwd
+    _OPS["cpp"] = fwd_bwd
+    _CPP_HAS_CUDA = _ext.has_cuda_kernels()
 
 
-@functools.cache
-def _triton_ops() -> tuple | None:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return None
-    try:
-        from .triton_kernels import ops as tops
-    except ImportError:
-        return None
-    return tops.OPS
-
-
-def triton_available() -> tuple[bool, str]:
+def _discover_triton() -> None:
+    _OPS["triton"] = None
     try:
         import triton  # noqa: F401
     except ImportError as e:
-        return False, f"triton is not installed ({e}); pip install triton"
-    if _triton_ops() is None:
-        return False, "flashcon.triton_kernels could not be imported"
+        _WHY["triton"] = f"triton is not installed ({e}); pip install triton"
+        return
+    try:
+        from .triton_kernels import ops as tops
+    except ImportError as e:
+        _WHY["triton"] = f"flashcon.triton_kernels could not be imported: {e}"
+        return
+    _OPS["triton"] = tops.OPS
+
+
+def triton_available() -> tuple[bool, str]:
+    if _OPS.get("triton") is None:
+        return False, _WHY.get("triton", "not discovered")
     return True, ""
 
 
 def cpp_available(device_type: str) -> tuple[bool, str]:
-    from . import _ext
-
-    if _cpp_ops() is None:
-        return False, f"the C++ extension flashcon._C is not available: {_ext.why_unavailable()}"
-    if device_type == "cuda" and not _ext.has_cuda_kernels():
+    if _OPS.get("cpp") is None:
+        return False, _WHY.get("cpp", "not discovered")
+    if device_type == "cuda" and not _CPP_HAS_CUDA:
         return False, "flashcon._C was built without CUDA kernels (see setup.py's switches)"
     return True, ""
 
@@ -292,8 +298,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def _interpreting() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -302,11 +306,16 @@ def get_engine(backend: str) -> Engine:
     if backend == "torch":
         ops = _TORCH_OPS
     elif backend in ("cpu", "cuda"):
-        ops = _cpp_ops()
+        ops = _OPS.get("cpp")
     elif backend == "triton":
-        ops = _triton_ops()
+        ops = _OPS.get("triton")
     else:
         raise ValueError(f"no streaming engine for backend {backend!r}")
     if ops is None:
         raise BackendUnavailableError(f"backend {backend!r} is unavailable")
     return Engine(name=backend, lse=ops[0], sp=ops[2])
+
+
+_OPS["torch"] = _TORCH_OPS
+_discover_cpp()
+_discover_triton()

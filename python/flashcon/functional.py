@@ -12,6 +12,7 @@ autograd composes them with the engine ops.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import TypeVar
@@ -20,8 +21,10 @@ import torch
 from torch import Tensor
 
 from . import _validate as V
+from . import distributed as D
 from . import reference as R
 from .engine import Engine, get_engine, resolve_backend
+from .queue import MemoryQueue
 from .specs import LOSS_SPECS
 
 __all__ = [
@@ -80,6 +83,68 @@ def _lse(eng: Engine, spec: str, idx: int, q, k, qlab, klab, self_offset, t, opt
     )
 
 
+@dataclasses.dataclass
+class _Contrast:
+    """The contrast columns of this call: the (global) batch rows, then the queue rows."""
+
+    cols: Tensor
+    labels: Tensor
+    offset: int  # this rank's first row among the columns: its anchors' self offset
+    world: int  # W (1 without gather_distributed)
+    n_batch: int  # rows of the (global) batch, queue excluded
+    soft: Tensor | None = None  # normalised soft labels of the columns (GenSCL)
+
+
+def _contrast(
+    z: Tensor,
+    y: Tensor,
+    *,
+    gather: bool,
+    group,
+    queue: MemoryQueue | None,
+    soft: Tensor | None = None,
+) -> _Contrast:
+    cols, labels, offset, world = z, y, 0, 1
+    if gather:
+        world, _ = D.world_and_rank(group)
+        cols, offset = D.gather_rows(z, group)
+        labels, _ = D.gather_rows(y, group)
+        if soft is not None:
+            soft, _ = D.gather_rows(soft, group)
+    n_batch = cols.shape[0]
+    if queue is not None:
+        qz, qy = queue.check_for(z, soft=soft is not None)
+        cols = torch.cat([cols, qz])
+        if soft is not None:
+            qy = qy.to(soft.dtype)
+            soft = torch.cat([soft, qy / qy.norm(dim=1, keepdim=True)])
+        else:
+            labels = torch.cat([labels, qy.to(labels.dtype)])
+    return _Contrast(cols, labels, offset, world, n_batch, soft)
+
+
+def _sample_ids(b: int, device, gather: bool, group) -> Tensor:
+    """SimCLR labels: a sample id unique across ranks (the queue's rows carry −1)."""
+    ids = torch.arange(b, device=device)
+    if gather:
+        _, rank = D.world_and_rank(group)
+        ids = ids + rank * (1 << 40)
+    return ids
+
+
+def _reduce(rows_sum: Tensor, n_anchors_global, world: int) -> Tensor:
+    """W·(1/N_global)·Σ_{local anchors} ℓ_i; the plain mean on one process."""
+    return rows_sum * (world / n_anchors_global)
+
+
+def _check_streaming(eng: Engine | None, gather: bool, queue, what: str) -> None:
+    if eng is None and gather:
+        raise ValueError(
+            f"{what}: gather_distributed=True needs a streaming backend "
+            "('auto', 'triton', 'cuda', 'cpu' or 'torch'), not 'reference'"
+        )
+
+
 def _finite_or_zero(x: Tensor) -> Tensor:
     return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
 
@@ -89,6 +154,17 @@ def _out_rows(lse: Tensor, psum: Tensor, pcnt: Tensor, t: float) -> Tensor:
     has = pcnt > 0
     row = _finite_or_zero(lse) - psum / (t * pcnt.clamp_min(1))
     return torch.where(has, row, torch.zeros_like(row))
+
+
+_DIST_DOC = """
+        gather_distributed: contrast this rank's anchors against the global batch gathered
+            (with gradients) from every rank of ``group``; see ``flashcon.distributed`` for
+            the exact scaling (rank r returns W·(1/N_global)·Σ_{its anchors} ℓ_i).
+        group: the process group (default: the world).
+        queue: a :class:`flashcon.MemoryQueue` whose rows are appended as extra contrast
+            columns (no gradient, never self).
+        backend: ``'auto'``, ``'triton'``, ``'cuda'``, ``'cpu'``, ``'torch'`` or ``'reference'``.
+"""
 
 
 @_no_autocast
@@ -102,6 +178,9 @@ def supcon_loss(
     contrast_mode: str = "all",
     variant: str = "out",
     backend: str = "auto",
+    gather_distributed: bool = False,
+    group=None,
+    queue: MemoryQueue | None = None,
 ) -> Tensor:
     """Supervised contrastive loss (Khosla et al. 2020), SupContrast's ``SupConLoss``.
 
@@ -117,7 +196,6 @@ def supcon_loss(
             ``--temp 0.1`` keeps τ_b = 0.07, a ×1.43 gradient scale). Pass τ_b = τ to remove it.
         contrast_mode: ``'all'`` (every view is an anchor) or ``'one'`` (view 0 only).
         variant: ``'out'`` (L_out, the paper's and code's loss) or ``'in'`` (L_in).
-        backend: ``'auto'``, ``'triton'``, ``'cuda'``, ``'cpu'``, ``'torch'`` or ``'reference'``.
 
     Anchors without positives contribute 0 and still count in the mean (SupContrast HEAD;
     its 2020 code returned NaN).
@@ -130,6 +208,7 @@ def supcon_loss(
     if labels is not None and mask is not None:
         raise ValueError("supcon_loss: pass either labels or mask, not both")
     eng = _engine_for(backend, z)
+    _check_streaming(eng, gather_distributed, queue, "supcon_loss")
     if eng is None or mask is not None:
         if mask is not None and eng is not None:
             raise ValueError(
@@ -144,31 +223,61 @@ def supcon_loss(
             base_temperature=tb,
             contrast_mode=contrast_mode,
             variant=variant,
+            queue=queue,
         )
     y = V.check_labels(labels, b, z)
     if y is None:
-        y = torch.arange(b, device=z.device)
+        y = _sample_ids(b, z.device, gather_distributed, group)
     y = y.repeat(v)
+    if queue is not None and labels is None:
+        queue = _negatives_only(queue)
+    c = _contrast(z, y, gather=gather_distributed, group=group, queue=queue)
     na = b if contrast_mode == "one" else z.shape[0]
     q, qlab = z[:na], y[:na]
     spec = f"supcon_{variant}"
-    lse, psum, pcnt = _lse(eng, spec, 0, q, z, qlab, y, 0, t)
+    lse, psum, pcnt = _lse(eng, spec, 0, q, c.cols, qlab, c.labels, c.offset, t)
     if variant == "out":
         rows = _out_rows(lse, psum, pcnt, t)
     else:
-        lse_p, _, _ = _lse(eng, spec, 1, q, z, qlab, y, 0, t)
+        lse_p, _, _ = _lse(eng, spec, 1, q, c.cols, qlab, c.labels, c.offset, t)
         has = pcnt > 0
         rows = _finite_or_zero(lse) - _finite_or_zero(lse_p) + torch.log(pcnt.clamp_min(1))
         rows = torch.where(has, rows, torch.zeros_like(rows))
-    return ((t / tb) * rows.mean()).to(_acc(z))
+    n_global = c.n_batch // v if contrast_mode == "one" else c.n_batch
+    return ((t / tb) * _reduce(rows.sum(), n_global, c.world)).to(_acc(z))
+
+
+class _NegativesOnly:
+    """A queue view whose rows are negatives of everything (SimCLR: other samples)."""
+
+    def __init__(self, queue: MemoryQueue) -> None:
+        self.queue = queue
+
+    def check_for(self, z: Tensor, soft: bool) -> tuple[Tensor, Tensor]:
+        qz, qy = self.queue.check_for(z, soft=False)
+        # Distinct negative ids never equal a (non-negative) sample id, nor each other.
+        return qz, -1 - torch.arange(qz.shape[0], device=qz.device)
+
+
+def _negatives_only(queue: MemoryQueue) -> MemoryQueue:
+    return _NegativesOnly(queue)  # type: ignore[return-value]
 
 
 @_no_autocast
-def ntxent_loss(features: Tensor, *, temperature: float = 0.5, backend: str = "auto") -> Tensor:
+def ntxent_loss(
+    features: Tensor,
+    *,
+    temperature: float = 0.5,
+    backend: str = "auto",
+    gather_distributed: bool = False,
+    group=None,
+    queue: MemoryQueue | None = None,
+) -> Tensor:
     """NT-Xent / SimCLR (Chen et al. 2020): positives are the other views of the same sample.
 
     ``features`` ``[B, V, D]``; τ default 0.5 (SupContrast's SimCLR setting); no
     base-temperature scaling (this equals ``supcon_loss(labels=None, base_temperature=τ)``).
+    Queue rows are negatives (their labels are ignored).
     """
     V.check_multiview(features, "features")
     return supcon_loss(
@@ -178,12 +287,22 @@ def ntxent_loss(features: Tensor, *, temperature: float = 0.5, backend: str = "a
         temperature=temperature,
         base_temperature=temperature,
         backend=backend,
+        gather_distributed=gather_distributed,
+        group=group,
+        queue=queue,
     )
 
 
 @_no_autocast
 def sincere_loss(
-    features: Tensor, labels: Tensor, *, temperature: float = 0.07, backend: str = "auto"
+    features: Tensor,
+    labels: Tensor,
+    *,
+    temperature: float = 0.07,
+    backend: str = "auto",
+    gather_distributed: bool = False,
+    group=None,
+    queue: MemoryQueue | None = None,
 ) -> Tensor:
     """SINCERE (Feeney & Hughes 2023): each positive against the negatives only.
 
@@ -194,13 +313,15 @@ def sincere_loss(
     z, b, v = V.flatten_features(features, "features")
     t = V.check_temperature(temperature, "temperature")
     eng = _engine_for(backend, z)
+    _check_streaming(eng, gather_distributed, queue, "sincere_loss")
     if eng is None:
-        return R.sincere_loss(features, labels, temperature=t)
+        return R.sincere_loss(features, labels, temperature=t, queue=queue)
     y = V.check_labels(labels, b, z, required=True).repeat(v)
-    eta, _, pcnt = _lse(eng, "sincere", 0, z, z, y, y, 0, t)
-    sp, _ = eng.sp(z.contiguous(), z.contiguous(), y, y, eta, 0, 1.0 / t)
+    c = _contrast(z, y, gather=gather_distributed, group=group, queue=queue)
+    eta, _, pcnt = _lse(eng, "sincere", 0, z, c.cols, y, c.labels, c.offset, t)
+    sp, _ = eng.sp(z.contiguous(), c.cols.contiguous(), y, c.labels, eta, c.offset, 1.0 / t)
     rows = sp / pcnt.clamp_min(1)
-    return rows.mean().to(_acc(z))
+    return _reduce(rows.sum(), c.n_batch, c.world).to(_acc(z))
 
 
 @_no_autocast
@@ -211,12 +332,16 @@ def genscl_loss(
     temperature: float = 0.07,
     base_temperature: float = 0.07,
     backend: str = "auto",
+    gather_distributed: bool = False,
+    group=None,
+    queue: MemoryQueue | None = None,
 ) -> Tensor:
     """GenSCL (Kim et al. 2022): cross-entropy of label cosine similarity vs latent softmax.
 
     Args:
         soft_labels: non-negative ``[B, K]`` (shared by the views) or ``[B, V, K]`` (per view,
-            e.g. independent mixup of each view). Receive no gradient.
+            e.g. independent mixup of each view). Receive no gradient. A queue must hold soft
+            labels (``MemoryQueue(..., num_soft_classes=K)``).
     Defaults τ = τ_b = 0.07 (the class defaults; its training script uses ``--temp 0.1`` with
     τ_b = 0.07). With one-hot labels this is SupCon L_out.
     """
@@ -224,30 +349,33 @@ def genscl_loss(
     t = V.check_temperature(temperature, "temperature")
     tb = V.check_temperature(base_temperature, "base_temperature")
     eng = _engine_for(backend, z)
+    _check_streaming(eng, gather_distributed, queue, "genscl_loss")
     if eng is None:
-        return R.genscl_loss(features, soft_labels, temperature=t, base_temperature=tb)
+        return R.genscl_loss(features, soft_labels, temperature=t, base_temperature=tb, queue=queue)
     acc = _acc(z)
     y = V.check_soft_labels(soft_labels, b, v, z).detach().to(acc)
     y_hat = y / y.norm(dim=1, keepdim=True)
     # Every other column is in the softmax: one label for all, positives weighted like negatives.
     dummy = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
-    lse, _, _ = _lse(eng, "genscl", 0, z, z, dummy, dummy, 0, t)
-    # Closed forms (LOSSES.md §3.2): M_i = ŷ_i·Σ_j ŷ_j − ŷ_i·ŷ_i,
-    # A_i = Σ_{j≠i} m_ij ℓ_ij = ((ŷ_i Ŷᵀ Z)·z_i − (ŷ_i·ŷ_i)‖z_i‖²)/τ.
-    zf = z.to(acc)
+    c = _contrast(z, dummy, gather=gather_distributed, group=group, queue=queue, soft=y_hat)
+    col_dummy = torch.zeros(c.cols.shape[0], dtype=torch.long, device=z.device)
+    lse, _, _ = _lse(eng, "genscl", 0, z, c.cols, dummy, col_dummy, c.offset, t)
+    # Closed forms (LOSSES.md §3.2) over the columns C (self included, then subtracted):
+    # M_i = ŷ_i·Σ_{j∈C} ŷ_j − ŷ_i·ŷ_i,  A_i = ((ŷ_i Ŷ_Cᵀ Z_C)·z_i − (ŷ_i·ŷ_i)‖z_i‖²)/τ.
+    zf, cf = z.to(acc), c.cols.to(acc)
     self_m = (y_hat * y_hat).sum(dim=1)
-    big_m = y_hat @ y_hat.sum(dim=0) - self_m
+    big_m = y_hat @ c.soft.sum(dim=0) - self_m
     sq = (zf * zf).sum(dim=1)
-    a = (((y_hat @ (y_hat.T @ zf)) * zf).sum(dim=1) - self_m * sq) / t
+    a = (((y_hat @ (c.soft.T @ cf)) * zf).sum(dim=1) - self_m * sq) / t
     # The closed form subtracts the self term from a sum over all j, so it carries a rounding
     # error of order eps·Σ_j|ℓ_ij|, which the 1/(M_i + 1e-8) below would amplify for anchors
     # with (nearly) no label overlap. Since m_ij >= 0, |A_i| <= M_i·max_j|ℓ_ij|: clamping to
     # that bound is exact math and makes A_i exactly 0 when M_i = 0.
     big_m = big_m.clamp_min(0)
-    bound = big_m * sq.sqrt() * sq.max().sqrt() / t
+    bound = big_m * sq.sqrt() * (cf * cf).sum(dim=1).max().sqrt() / t
     a = torch.minimum(torch.maximum(a, -bound), bound)
     rows = (big_m * _finite_or_zero(lse) - a) / (big_m + 1e-8)
-    return ((t / tb) * rows.mean()).to(acc)
+    return ((t / tb) * _reduce(rows.sum(), c.n_batch, c.world)).to(acc)
 
 
 @_no_autocast
@@ -259,6 +387,9 @@ def tcl_loss(
     k1: float = 5000.0,
     k2: float = 1.0,
     backend: str = "auto",
+    gather_distributed: bool = False,
+    group=None,
+    queue: MemoryQueue | None = None,
 ) -> Tensor:
     """Tuned Contrastive Learning (Animesh & Chandraker).
 
@@ -272,12 +403,15 @@ def tcl_loss(
     k1 = V.check_nonneg(k1, "k1")
     k2 = V.check_nonneg(k2, "k2")
     eng = _engine_for(backend, z)
+    _check_streaming(eng, gather_distributed, queue, "tcl_loss")
     if eng is None:
-        return R.tcl_loss(features, labels, temperature=t, k1=k1, k2=k2)
+        return R.tcl_loss(features, labels, temperature=t, k1=k1, k2=k2, queue=queue)
     y = V.check_labels(labels, b, z, required=True).repeat(v)
-    log_d, psum, pcnt = _lse(eng, "tcl", 0, z, z, y, y, 0, t, {"k1": k1, "k2": k2})
+    c = _contrast(z, y, gather=gather_distributed, group=group, queue=queue)
+    opts = {"k1": k1, "k2": k2}
+    log_d, psum, pcnt = _lse(eng, "tcl", 0, z, c.cols, y, c.labels, c.offset, t, opts)
     rows = _out_rows(log_d, psum, pcnt, t)
-    return rows.mean().to(_acc(z))
+    return _reduce(rows.sum(), c.n_batch, c.world).to(_acc(z))
 
 
 def esupcon_logits(features: Tensor, prototypes: Tensor, temperature: float = 0.1) -> Tensor:
@@ -300,26 +434,32 @@ def esupcon_loss(
     base_temperature: float | None = None,
     prototype_anchors: bool = True,
     backend: str = "auto",
+    gather_distributed: bool = False,
+    group=None,
+    queue: MemoryQueue | None = None,
 ) -> Tensor:
     """ESupCon: SupCon over samples and learnable class prototypes (LOSSES.md §5).
 
     This is flashcon's definition following Aljundi et al. (AAAI 2023), whose code is not
     public: prototypes u_k = w_k/‖w_k‖ are extra columns (positive for their class) of every
     sample anchor and, with ``prototype_anchors=True``, anchors of their own against the
-    samples (only classes present in the batch). Scaled by τ/τ_b (τ_b = τ by default), mean
-    over all anchors.
+    samples (only classes with a sample among the columns). Scaled by τ/τ_b (τ_b = τ by
+    default), mean over all anchors.
 
     Args:
-        prototypes: ``[K, D]`` class weights (normalised inside; receive gradient).
+        prototypes: ``[K, D]`` class weights (normalised inside; receive gradient). With
+            ``gather_distributed`` they are the same on every rank (as under DDP); every rank
+            computes the prototype anchors and weighs them by 1/W.
         labels: integer ids in ``[0, K)``.
     """
     z, b, v = V.flatten_features(features, "features")
     t = V.check_temperature(temperature, "temperature")
-    tb = (
-        t if base_temperature is None else V.check_temperature(base_temperature, "base_temperature")
-    )
+    tb = t
+    if base_temperature is not None:
+        tb = V.check_temperature(base_temperature, "base_temperature")
     k_cls = V.check_prototypes(prototypes, z)
     eng = _engine_for(backend, z)
+    _check_streaming(eng, gather_distributed, queue, "esupcon_loss")
     if eng is None:
         return R.esupcon_loss(
             features,
@@ -328,18 +468,26 @@ def esupcon_loss(
             temperature=t,
             base_temperature=tb,
             prototype_anchors=prototype_anchors,
+            queue=queue,
         )
     y = V.check_labels(labels, b, z, required=True, num_classes=k_cls).repeat(v)
     u = (prototypes / prototypes.norm(dim=1, keepdim=True)).to(z.dtype)
     cls = torch.arange(k_cls, device=z.device)
-    cols = torch.cat([z, u], dim=0)
-    lse, psum, pcnt = _lse(eng, "esupcon", 0, z, cols, y, torch.cat([y, cls]), 0, t)
+    c = _contrast(z, y, gather=gather_distributed, group=group, queue=queue)
+    cols = torch.cat([c.cols, u], dim=0)
+    lse, psum, pcnt = _lse(eng, "esupcon", 0, z, cols, y, torch.cat([c.labels, cls]), c.offset, t)
     total = _out_rows(lse, psum, pcnt, t).sum()
-    count = torch.tensor(z.shape[0], dtype=lse.dtype, device=z.device)
+    count = torch.full((), c.n_batch, dtype=lse.dtype, device=z.device)
     if prototype_anchors:
-        # Every prototype is a row; those of classes absent from the batch have no positive,
-        # give 0 and are not counted (a static shape, so this stays compile-friendly).
-        lse_p, psum_p, pcnt_p = _lse(eng, "esupcon", 0, u, z, cls, y, -1, t)
-        total = total + _out_rows(lse_p, psum_p, pcnt_p, t).sum()
+        # Every prototype is a row; those of classes with no sample among the columns have no
+        # positive, give 0 and are not counted (a static shape, so this stays compile-friendly).
+        lse_p, psum_p, pcnt_p = _lse(eng, "esupcon", 0, u, c.cols, cls, c.labels, -1, t)
+        # Each rank computes every prototype anchor: weigh them 1/W so they count once.
+        total = total + _out_rows(lse_p, psum_p, pcnt_p, t).sum() / c.world
         count = count + (pcnt_p > 0).sum().to(count.dtype)
-    return ((t / tb) * total / count).to(_acc(z))
+    return ((t / tb) * _reduce(total, count, c.world)).to(_acc(z))
+
+
+# Every loss takes the same distribution / queue / backend arguments; document them once.
+for _fn in (supcon_loss, ntxent_loss, sincere_loss, genscl_loss, tcl_loss, esupcon_loss):
+    _fn.__doc__ = (_fn.__doc__ or "").rstrip() + "\n\n    Common arguments:" + _DIST_DOC

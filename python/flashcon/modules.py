@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from . import _validate as V
 from . import functional as F
+from .queue import MemoryQueue
 
 
 class SupConLoss(nn.Module):
@@ -21,6 +22,8 @@ class SupConLoss(nn.Module):
         base_temperature: float = 0.07,
         variant: str = "out",
         backend: str = "auto",
+        gather_distributed: bool = False,
+        group=None,
     ) -> None:
         super().__init__()
         self.temperature = V.check_temperature(temperature, "temperature")
@@ -28,9 +31,16 @@ class SupConLoss(nn.Module):
         self.contrast_mode = V.check_choice(contrast_mode, "contrast_mode", ("all", "one"))
         self.variant = V.check_choice(variant, "variant", ("out", "in"))
         self.backend = backend
+        self.gather_distributed = bool(gather_distributed)
+        self.group = group
 
     def forward(
-        self, features: Tensor, labels: Tensor | None = None, mask: Tensor | None = None
+        self,
+        features: Tensor,
+        labels: Tensor | None = None,
+        mask: Tensor | None = None,
+        *,
+        queue: MemoryQueue | None = None,
     ) -> Tensor:
         return F.supcon_loss(
             features,
@@ -41,6 +51,9 @@ class SupConLoss(nn.Module):
             contrast_mode=self.contrast_mode,
             variant=self.variant,
             backend=self.backend,
+            gather_distributed=self.gather_distributed,
+            group=self.group,
+            queue=queue,
         )
 
     def extra_repr(self) -> str:
@@ -54,45 +67,90 @@ class SupConLoss(nn.Module):
 class NTXentLoss(nn.Module):
     """NT-Xent / SimCLR: ``forward(features [B, V, D])``."""
 
-    def __init__(self, temperature: float = 0.5, backend: str = "auto") -> None:
+    def __init__(
+        self,
+        temperature: float = 0.5,
+        backend: str = "auto",
+        gather_distributed: bool = False,
+        group=None,
+    ) -> None:
         super().__init__()
         self.temperature = V.check_temperature(temperature, "temperature")
         self.backend = backend
+        self.gather_distributed = bool(gather_distributed)
+        self.group = group
 
-    def forward(self, features: Tensor) -> Tensor:
-        return F.ntxent_loss(features, temperature=self.temperature, backend=self.backend)
+    def forward(self, features: Tensor, *, queue: MemoryQueue | None = None) -> Tensor:
+        return F.ntxent_loss(
+            features,
+            temperature=self.temperature,
+            backend=self.backend,
+            gather_distributed=self.gather_distributed,
+            group=self.group,
+            queue=queue,
+        )
 
 
 class SINCERELoss(nn.Module):
     """SINCERE: ``forward(features, labels)``."""
 
-    def __init__(self, temperature: float = 0.07, backend: str = "auto") -> None:
+    def __init__(
+        self,
+        temperature: float = 0.07,
+        backend: str = "auto",
+        gather_distributed: bool = False,
+        group=None,
+    ) -> None:
         super().__init__()
         self.temperature = V.check_temperature(temperature, "temperature")
         self.backend = backend
+        self.gather_distributed = bool(gather_distributed)
+        self.group = group
 
-    def forward(self, features: Tensor, labels: Tensor) -> Tensor:
-        return F.sincere_loss(features, labels, temperature=self.temperature, backend=self.backend)
+    def forward(
+        self, features: Tensor, labels: Tensor, *, queue: MemoryQueue | None = None
+    ) -> Tensor:
+        return F.sincere_loss(
+            features,
+            labels,
+            temperature=self.temperature,
+            backend=self.backend,
+            gather_distributed=self.gather_distributed,
+            group=self.group,
+            queue=queue,
+        )
 
 
 class GenSCLLoss(nn.Module):
     """GenSCL: ``forward(features, soft_labels)`` with soft labels ``[B, K]`` or ``[B, V, K]``."""
 
     def __init__(
-        self, temperature: float = 0.07, base_temperature: float = 0.07, backend: str = "auto"
+        self,
+        temperature: float = 0.07,
+        base_temperature: float = 0.07,
+        backend: str = "auto",
+        gather_distributed: bool = False,
+        group=None,
     ) -> None:
         super().__init__()
         self.temperature = V.check_temperature(temperature, "temperature")
         self.base_temperature = V.check_temperature(base_temperature, "base_temperature")
         self.backend = backend
+        self.gather_distributed = bool(gather_distributed)
+        self.group = group
 
-    def forward(self, features: Tensor, soft_labels: Tensor) -> Tensor:
+    def forward(
+        self, features: Tensor, soft_labels: Tensor, *, queue: MemoryQueue | None = None
+    ) -> Tensor:
         return F.genscl_loss(
             features,
             soft_labels,
             temperature=self.temperature,
             base_temperature=self.base_temperature,
             backend=self.backend,
+            gather_distributed=self.gather_distributed,
+            group=self.group,
+            queue=queue,
         )
 
 
@@ -105,14 +163,20 @@ class TCLLoss(nn.Module):
         k1: float = 5000.0,
         k2: float = 1.0,
         backend: str = "auto",
+        gather_distributed: bool = False,
+        group=None,
     ) -> None:
         super().__init__()
         self.temperature = V.check_temperature(temperature, "temperature")
         self.k1 = V.check_nonneg(k1, "k1")
         self.k2 = V.check_nonneg(k2, "k2")
         self.backend = backend
+        self.gather_distributed = bool(gather_distributed)
+        self.group = group
 
-    def forward(self, features: Tensor, labels: Tensor) -> Tensor:
+    def forward(
+        self, features: Tensor, labels: Tensor, *, queue: MemoryQueue | None = None
+    ) -> Tensor:
         return F.tcl_loss(
             features,
             labels,
@@ -120,6 +184,9 @@ class TCLLoss(nn.Module):
             k1=self.k1,
             k2=self.k2,
             backend=self.backend,
+            gather_distributed=self.gather_distributed,
+            group=self.group,
+            queue=queue,
         )
 
 
@@ -138,6 +205,8 @@ class ESupConLoss(nn.Module):
         base_temperature: float | None = None,
         prototype_anchors: bool = True,
         backend: str = "auto",
+        gather_distributed: bool = False,
+        group=None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -152,11 +221,15 @@ class ESupConLoss(nn.Module):
         )
         self.prototype_anchors = bool(prototype_anchors)
         self.backend = backend
+        self.gather_distributed = bool(gather_distributed)
+        self.group = group
         w = torch.empty(num_classes, dim, device=device, dtype=dtype)
         nn.init.normal_(w, std=1.0 / math.sqrt(dim))
         self.prototypes = nn.Parameter(w)
 
-    def forward(self, features: Tensor, labels: Tensor) -> Tensor:
+    def forward(
+        self, features: Tensor, labels: Tensor, *, queue: MemoryQueue | None = None
+    ) -> Tensor:
         return F.esupcon_loss(
             features,
             labels,
@@ -165,6 +238,9 @@ class ESupConLoss(nn.Module):
             base_temperature=self.base_temperature,
             prototype_anchors=self.prototype_anchors,
             backend=self.backend,
+            gather_distributed=self.gather_distributed,
+            group=self.group,
+            queue=queue,
         )
 
     def logits(self, z: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import _validate as V
+from .queue import MemoryQueue
 
 __all__ = [
     "supcon_loss",
@@ -56,6 +57,14 @@ def _self_mask(n_rows: int, n_cols: int, self_offset: int | None, device) -> Ten
     return m
 
 
+def _label_columns(z: Tensor, y: Tensor, queue: MemoryQueue | None) -> tuple[Tensor, Tensor]:
+    """Contrast columns (the batch, then the queue rows) and their labels."""
+    if queue is None:
+        return z, y
+    qz, qy = queue.check_for(z, soft=False)
+    return torch.cat([z, qz]), torch.cat([y, qy])
+
+
 def _supcon_rows(
     logits: Tensor, pos_w: Tensor, valid: Tensor, variant: str
 ) -> tuple[Tensor, Tensor]:
@@ -89,6 +98,7 @@ def supcon_loss(
     base_temperature: float = 0.07,
     contrast_mode: str = "all",
     variant: str = "out",
+    queue: MemoryQueue | None = None,
 ) -> Tensor:
     """Dense SupCon (LOSSES.md §1): L_out or L_in, 'all' or 'one' contrast mode."""
     z, b, v = V.flatten_features(features, "features")
@@ -100,6 +110,8 @@ def supcon_loss(
     if labels is not None and mask is not None:
         raise ValueError("supcon_loss: pass either labels or mask, not both")
     if mask is not None:
+        if queue is not None:
+            raise ValueError("supcon_loss: mask= cannot be combined with a queue")
         w_b = V.check_mask(mask, b, z).to(z.dtype)
     else:
         y = V.check_labels(labels, b, z) if labels is not None else None
@@ -109,29 +121,49 @@ def supcon_loss(
     w = w_b.repeat(v, v)  # view-major: row i ↦ sample i mod B
     n_anchor = b if contrast_mode == "one" else n
     q = z[:n_anchor]
-    logits = q @ z.T / temperature
-    self_m = _self_mask(n_anchor, n, 0, z.device)
+    cols = z
+    if queue is not None:
+        qz, qy = queue.check_for(z, soft=False)
+        cols = torch.cat([z, qz])
+        if labels is None:  # SimCLR: queue rows are other samples, i.e. negatives
+            w = torch.cat([w, torch.zeros(n, qz.shape[0], dtype=z.dtype)], dim=1)
+        else:
+            y_rows = y.repeat(v)
+            w = torch.cat([w, (y_rows[:, None] == qy[None, :]).to(z.dtype)], dim=1)
+    logits = q @ cols.T / temperature
+    self_m = _self_mask(n_anchor, cols.shape[0], 0, z.device)
     valid = ~self_m
     pos_w = w[:n_anchor] * valid
     rows, _ = _supcon_rows(logits, pos_w, valid, variant)
     return (temperature / base_temperature) * rows.mean()
 
 
-def ntxent_loss(features: Tensor, *, temperature: float = 0.5) -> Tensor:
+def ntxent_loss(
+    features: Tensor, *, temperature: float = 0.5, queue: MemoryQueue | None = None
+) -> Tensor:
     """Dense NT-Xent / SimCLR: SupCon with the sample id as label, no base-temperature scale."""
     V.check_multiview(features, "features")
-    return supcon_loss(features, None, None, temperature=temperature, base_temperature=temperature)
+    return supcon_loss(
+        features, None, None, temperature=temperature, base_temperature=temperature, queue=queue
+    )
 
 
-def sincere_loss(features: Tensor, labels: Tensor, *, temperature: float = 0.07) -> Tensor:
+def sincere_loss(
+    features: Tensor,
+    labels: Tensor,
+    *,
+    temperature: float = 0.07,
+    queue: MemoryQueue | None = None,
+) -> Tensor:
     """Dense SINCERE (LOSSES.md §2): each positive against the negatives only."""
     z, b, v = V.flatten_features(features, "features")
     V.check_temperature(temperature, "temperature")
     y = V.check_labels(labels, b, z, required=True).repeat(v)
     n = z.shape[0]
-    logits = z @ z.T / temperature
-    not_self = ~_self_mask(n, n, 0, z.device)
-    same = y[:, None] == y[None, :]
+    cols, ycols = _label_columns(z, y, queue)
+    logits = z @ cols.T / temperature
+    not_self = ~_self_mask(n, cols.shape[0], 0, z.device)
+    same = y[:, None] == ycols[None, :]
     pos = same & not_self
     neg = ~same
     eta, has_neg = _safe_logsumexp(logits, neg)
@@ -149,6 +181,7 @@ def genscl_loss(
     *,
     temperature: float = 0.07,
     base_temperature: float = 0.07,
+    queue: MemoryQueue | None = None,
 ) -> Tensor:
     """Dense GenSCL (LOSSES.md §3): cross-entropy of label cosine similarity vs latent softmax."""
     z, b, v = V.flatten_features(features, "features")
@@ -156,11 +189,16 @@ def genscl_loss(
     V.check_temperature(base_temperature, "base_temperature")
     y = V.check_soft_labels(soft_labels, b, v, z).to(z.dtype).detach()
     n = z.shape[0]
+    cols, ycols = z, y
+    if queue is not None:
+        qz, qy = queue.check_for(z, soft=True)
+        cols, ycols = torch.cat([z, qz]), torch.cat([y, qy.to(z.dtype)])
     y_hat = y / y.norm(dim=1, keepdim=True)
-    not_self = ~_self_mask(n, n, 0, z.device)
-    m = (y_hat @ y_hat.T) * not_self
+    yc_hat = ycols / ycols.norm(dim=1, keepdim=True)
+    not_self = ~_self_mask(n, cols.shape[0], 0, z.device)
+    m = (y_hat @ yc_hat.T) * not_self
     big_m = m.sum(dim=1)
-    logits = z @ z.T / temperature
+    logits = z @ cols.T / temperature
     lse, has_any = _safe_logsumexp(logits, not_self)
     lse_safe = torch.where(has_any, lse, torch.zeros_like(lse))
     a = (m * logits).sum(dim=1)
@@ -175,6 +213,7 @@ def tcl_loss(
     temperature: float = 0.1,
     k1: float = 5000.0,
     k2: float = 1.0,
+    queue: MemoryQueue | None = None,
 ) -> Tensor:
     """Dense TCL (LOSSES.md §4), row form; the k1 term uses e^{−s} without τ, as the code does."""
     z, b, v = V.flatten_features(features, "features")
@@ -183,10 +222,11 @@ def tcl_loss(
     V.check_nonneg(k2, "k2")
     y = V.check_labels(labels, b, z, required=True).repeat(v)
     n = z.shape[0]
-    s = z @ z.T
+    cols, ycols = _label_columns(z, y, queue)
+    s = z @ cols.T
     logits = s / temperature
-    not_self = ~_self_mask(n, n, 0, z.device)
-    same = y[:, None] == y[None, :]
+    not_self = ~_self_mask(n, cols.shape[0], 0, z.device)
+    same = y[:, None] == ycols[None, :]
     pos = same & not_self
     neg = ~same
     # log D_i as one log-sum-exp over three sub-streams (LOSSES.md §4.2).
@@ -224,6 +264,7 @@ def esupcon_loss(
     temperature: float = 0.1,
     base_temperature: float | None = None,
     prototype_anchors: bool = True,
+    queue: MemoryQueue | None = None,
 ) -> Tensor:
     """Dense ESupCon (LOSSES.md §5, flashcon's definition): samples and class prototypes."""
     z, b, v = V.flatten_features(features, "features")
@@ -237,23 +278,24 @@ def esupcon_loss(
     u = prototypes / prototypes.norm(dim=1, keepdim=True)
     u = u.to(z.dtype)
     cls = torch.arange(k_cls, device=z.device)
-    # Sample anchors against [samples; prototypes].
-    cols = torch.cat([z, u], dim=0)
-    col_lab = torch.cat([y, cls])
+    # Sample anchors against [samples; queue; prototypes].
+    samples, sample_lab = _label_columns(z, y, queue)
+    cols = torch.cat([samples, u], dim=0)
+    col_lab = torch.cat([sample_lab, cls])
     logits = z @ cols.T / temperature
-    valid = ~_self_mask(n, n + k_cls, 0, z.device)
+    valid = ~_self_mask(n, cols.shape[0], 0, z.device)
     pos = (y[:, None] == col_lab[None, :]) & valid
     rows, _ = _supcon_rows(logits, pos.to(z.dtype), valid, "out")
     total = rows.sum()
     count = n
     if prototype_anchors:
         present = torch.zeros(k_cls, dtype=torch.bool, device=z.device)
-        present[y] = True
+        present[sample_lab[sample_lab >= 0]] = True  # a class with a sample among the columns
         up = u[present]
         lab_p = cls[present]
-        logits_p = up @ z.T / temperature
+        logits_p = up @ samples.T / temperature
         valid_p = torch.ones_like(logits_p, dtype=torch.bool)
-        pos_p = (lab_p[:, None] == y[None, :]).to(z.dtype)
+        pos_p = (lab_p[:, None] == sample_lab[None, :]).to(z.dtype)
         rows_p, _ = _supcon_rows(logits_p, pos_p, valid_p, "out")
         total = total + rows_p.sum()
         count += int(present.sum())

@@ -117,3 +117,70 @@ def value_and_grads(fn: Callable[..., Tensor], inputs: dict) -> tuple[Tensor, di
     return out.detach(), {
         k: g for k, g in zip([k for k in ("features", "prototypes") if k in leaves], grads)
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed parity (used by tests/test_distributed.py; lives here so spawned workers can
+# import it by name).
+# --------------------------------------------------------------------------------------------
+
+DIST_CASES = (
+    ("supcon", {}),
+    ("supcon_in", {}),
+    ("supcon_one", {}),
+    ("supcon_simclr", {}),
+    ("ntxent", {}),
+    ("sincere", {}),
+    ("genscl", {}),
+    ("genscl_per_view", {}),
+    ("tcl", {}),
+    ("esupcon", {}),
+    ("esupcon_noproto", {"prototype_anchors": False}),
+)
+
+
+def dist_inputs(case: str, sizes: list[int], seed: int = 0) -> list[dict]:
+    """Per-rank inputs of one distributed case (rank r has sizes[r] samples of 2 views)."""
+    base = case.split("_")[0] if case not in ("supcon_in", "supcon_one") else case
+    loss = {"supcon_simclr": "ntxent", "genscl_per_view": "genscl"}.get(case, base)
+    loss = "esupcon" if case.startswith("esupcon") else loss
+    total = make_inputs(loss, sum(sizes), 2, 6, n_classes=4, seed=seed)
+    if case == "genscl_per_view":
+        g = torch.Generator().manual_seed(seed + 1)
+        total["soft_labels"] = torch.rand(sum(sizes), 2, 4, generator=g, dtype=torch.float64)
+    out, start = [], 0
+    for s in sizes:
+        part = {}
+        for key, x in total.items():
+            part[key] = x if key == "prototypes" else x[start : start + s]
+        out.append(part)
+        start += s
+    return out
+
+
+def dist_loss(case: str, backend: str | None, **options) -> Callable[..., Tensor]:
+    name = {
+        "supcon_simclr": "supcon",
+        "genscl_per_view": "genscl",
+        "esupcon_noproto": "esupcon",
+    }.get(case, case)
+    fn = loss_fn(name, backend, **options)
+    if case == "supcon_simclr":
+        return lambda features, **kw: fn(features, labels=None)
+    return fn
+
+
+def _dist_worker(rank: int, world: int, init_file: str, out_file: str, backend: str, sizes):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    results = {}
+    for case, opts in DIST_CASES:
+        x = dist_inputs(case, sizes)[rank]
+        fn = dist_loss(case, backend, gather_distributed=True, **opts)
+        val, grads = value_and_grads(fn, x)
+        results[case] = (val, grads)
+    torch.save(results, f"{out_file}.{rank}")
+    dist.barrier()
+    dist.destroy_process_group()

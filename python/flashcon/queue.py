@@ -1,0 +1,108 @@
+"""A labelled memory queue: past embeddings served as extra contrast columns.
+
+MoCo-style training contrasts each batch against the last Q embeddings as well as against the
+batch. :class:`MemoryQueue` keeps them (detached: they receive no gradient) with their integer
+labels or soft labels, and every loss takes it as ``queue=``: the queue rows are appended to
+the contrast columns, never an anchor and never anyone's own column. Push *after* computing the
+loss, so a batch is not contrasted with itself twice.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import _validate as V
+
+
+class MemoryQueue(nn.Module):
+    """Ring buffer of the last ``size`` embeddings and their labels.
+
+    Args:
+        size: capacity Q (rows, i.e. embeddings: a ``[B, V, D]`` push adds B·V rows).
+        dim: embedding width D.
+        num_soft_classes: when given, the queue stores soft labels ``[Q, K]`` (GenSCL) instead
+            of integer labels.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        dim: int,
+        *,
+        num_soft_classes: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if size < 1 or dim < 1:
+            raise ValueError(f"size and dim must be >= 1, got size={size}, dim={dim}")
+        self.size = int(size)
+        self.soft = num_soft_classes is not None
+        self.register_buffer("_feats", torch.zeros(size, dim, dtype=dtype, device=device))
+        if self.soft:
+            lab = torch.zeros(size, int(num_soft_classes), dtype=dtype, device=device)
+        else:
+            lab = torch.zeros(size, dtype=torch.long, device=device)
+        self.register_buffer("_labels", lab)
+        self.register_buffer("_ptr", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("_count", torch.zeros((), dtype=torch.long, device=device))
+
+    def __len__(self) -> int:
+        return int(self._count)
+
+    @property
+    def features(self) -> Tensor:
+        """The stored embeddings ``[len(self), D]`` (no gradient)."""
+        return self._feats[: len(self)]
+
+    @property
+    def labels(self) -> Tensor:
+        """Their integer labels ``[len(self)]`` or soft labels ``[len(self), K]``."""
+        return self._labels[: len(self)]
+
+    @torch.no_grad()
+    def push(self, features: Tensor, labels: Tensor | None = None) -> None:
+        """Enqueue a batch (``[B, V, D]`` or ``[N, D]``, flattened view-major like the losses).
+
+        ``labels``: integer ``[B]`` or soft ``[B, K]`` / ``[B, V, K]`` to match the queue's
+        kind; may be omitted for an integer queue used only as negatives (NT-Xent), in which
+        case the rows get label −1.
+        """
+        z, b, v = V.flatten_features(features, "features")
+        if z.shape[1] != self._feats.shape[1]:
+            raise ValueError(
+                f"features have D = {z.shape[1]}, the queue D = {self._feats.shape[1]}"
+            )
+        if self.soft:
+            if labels is None:
+                raise ValueError("this queue stores soft labels: pass them to push()")
+            y = V.check_soft_labels(labels, b, v, z)
+        elif labels is None:
+            y = torch.full((z.shape[0],), -1, dtype=torch.long, device=z.device)
+        else:
+            y = V.check_labels(labels, b, z).repeat(v)
+        z = z.detach().to(self._feats.dtype)
+        y = y.detach().to(self._labels.dtype)
+        n = z.shape[0]
+        if n >= self.size:  # only the newest rows fit
+            z, y, n = z[-self.size :], y[-self.size :], self.size
+        idx = (int(self._ptr) + torch.arange(n, device=z.device)) % self.size
+        self._feats[idx] = z
+        self._labels[idx] = y
+        self._ptr.fill_((int(self._ptr) + n) % self.size)
+        self._count.fill_(min(self.size, int(self._count) + n))
+
+    def check_for(self, z: Tensor, soft: bool) -> tuple[Tensor, Tensor]:
+        """The queue's (features, labels) ready to append to ``z``'s columns."""
+        if soft != self.soft:
+            kind = "soft labels" if self.soft else "integer labels"
+            raise ValueError(
+                f"this loss needs a queue of {'soft' if soft else 'integer'} labels; "
+                f"the queue holds {kind}"
+            )
+        if self._feats.shape[1] != z.shape[1]:
+            raise ValueError(f"queue width {self._feats.shape[1]} != features D = {z.shape[1]}")
+        if self._feats.device != z.device:
+            raise ValueError(f"queue is on {self._feats.device} but features are on {z.device}")
+        return self.features.to(z.dtype), self.labels
