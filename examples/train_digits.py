@@ -111,7 +111,7 @@ def train(
             if loss == "ce":
                 out = F.cross_entropy(head_ce(net.features(v1)), yb)
             elif loss == "genscl":
-                # Mix each view independently (GenSCL's mixup of view-batches), soft labels per view.
+                # Mix each view independently (GenSCL mixes view-batches); soft labels per view.
                 p1, s1, l1 = mixup_labels(yb, g)
                 p2, s2, l2 = mixup_labels(yb, g)
                 v1 = l1 * v1 + (1 - l1) * v1[p1]

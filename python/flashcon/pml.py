@@ -2,7 +2,8 @@
 
 Code written for that library swaps in by changing one import::
 
-    from flashcon.pml import SupConLoss      # was: from pytorch_metric_learning.losses import SupConLoss
+    # was: from pytorch_metric_learning.losses import SupConLoss
+    from flashcon.pml import SupConLoss
     loss = SupConLoss(temperature=0.1)(embeddings, labels)
     loss = SupConLoss(temperature=0.1)(embeddings, labels, ref_emb=ref, ref_labels=ref_labels)
 
