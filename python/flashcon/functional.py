@@ -367,13 +367,19 @@ def genscl_loss(
     big_m = y_hat @ c.soft.sum(dim=0) - self_m
     sq = (zf * zf).sum(dim=1)
     a = (((y_hat @ (c.soft.T @ cf)) * zf).sum(dim=1) - self_m * sq) / t
-    # The closed form subtracts the self term from a sum over all j, so it carries a rounding
-    # error of order eps·Σ_j|ℓ_ij|, which the 1/(M_i + 1e-8) below would amplify for anchors
-    # with (nearly) no label overlap. Since m_ij >= 0, |A_i| <= M_i·max_j|ℓ_ij|: clamping to
-    # that bound is exact math and makes A_i exactly 0 when M_i = 0.
-    big_m = big_m.clamp_min(0)
+    # The closed forms subtract the self term from sums over all columns, so they carry a
+    # rounding error of order eps·(1 + ‖Σŷ‖) in M_i and eps·max|ℓ| in A_i, which the
+    # 1/(M_i + 1e-8) below amplifies. (1) An M_i below that noise is 0 (with A_i = 0: since
+    # m_ij >= 0, M_i = 0 means every m_ij = 0): such an anchor has no label overlap and gives
+    # exactly 0, as in the dense computation. (2) |A_i| <= M_i·max_j|ℓ_ij| bounds the value;
+    # the clamp is applied to the value only, the gradient stays the closed form's.
+    eps = torch.finfo(acc).eps
+    noise = 16 * eps * (1 + c.soft.sum(dim=0).norm())
+    live = big_m > noise
+    big_m = torch.where(live, big_m, torch.zeros_like(big_m))
     bound = big_m * sq.sqrt() * (cf * cf).sum(dim=1).max().sqrt() / t
-    a = torch.minimum(torch.maximum(a, -bound), bound)
+    a = a + (torch.minimum(torch.maximum(a, -bound), bound) - a).detach()
+    a = torch.where(live, a, torch.zeros_like(a))
     rows = (big_m * _finite_or_zero(lse) - a) / (big_m + 1e-8)
     return ((t / tb) * _reduce(rows.sum(), c.n_batch, c.world)).to(acc)
 
