@@ -156,31 +156,35 @@ FLASHCON_CLONES void lse_fwd_row(const TileRow<double>& row, double* t1,
 }
 
 // ---- backward of the lse op: G in place ----------------------------------------------------
-template <typename T>
+template <bool kHasK1, typename T>
 FLASHCON_INLINE void lse_bwd_row_impl(const TileRow<T>& row, const LseParams<T>& p, T g_lse, T l,
                                       T g_psum) {
   T* s = row.s;
+  const int64_t* kl = row.kl;
+  const int64_t ql = row.ql, self_j = row.self_j;
   for (int64_t j = 0; j < row.n; ++j) {
-    const bool same = row.kl[j] == row.ql;
-    const bool excl = j == row.self_j;
-    s[j] = tm::lse_pair_grad(s[j], same && !excl, !same && !excl, g_lse, l, g_psum, p.scale,
-                             p.lw_pos, p.lw_neg, p.lk1, p.has_k1);
+    const bool same = kl[j] == ql;
+    const bool excl = j == self_j;
+    s[j] = tm::lse_pair_grad(s[j], same & !excl, !same & !excl, g_lse, l, g_psum, p.scale,
+                             p.lw_pos, p.lw_neg, p.lk1, kHasK1);
   }
 }
 
 FLASHCON_CLONES void lse_bwd_row(const TileRow<float>& row, const LseParams<float>& p,
                                  float g_lse, float l, float g_psum) {
   if (p.has_k1) {
-    lse_bwd_row_impl(row, p, g_lse, l, g_psum);
+    lse_bwd_row_impl<true>(row, p, g_lse, l, g_psum);
   } else {
-    LseParams<float> q = p;
-    q.has_k1 = false;
-    lse_bwd_row_impl(row, q, g_lse, l, g_psum);
+    lse_bwd_row_impl<false>(row, p, g_lse, l, g_psum);
   }
 }
 FLASHCON_CLONES void lse_bwd_row(const TileRow<double>& row, const LseParams<double>& p,
                                  double g_lse, double l, double g_psum) {
-  lse_bwd_row_impl(row, p, g_lse, l, g_psum);
+  if (p.has_k1) {
+    lse_bwd_row_impl<true>(row, p, g_lse, l, g_psum);
+  } else {
+    lse_bwd_row_impl<false>(row, p, g_lse, l, g_psum);
+  }
 }
 
 // ---- softplus pass (SINCERE) ---------------------------------------------------------------
@@ -248,8 +252,11 @@ Operands prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
   const Problem pr = check_qk(op, q, k, qlab, klab, c10::DeviceType::CPU);
   const auto acc = stat_dtype(q.scalar_type());
   Operands o;
-  o.q = q.to(acc).contiguous();
-  o.k = k.is_same(q) ? o.q : k.to(acc).contiguous();
+  // Detached: the ops sit below autograd (engine.py registers their gradients), and the tile
+  // products below are plain ATen calls that must not record a graph.
+  o.q = q.detach().to(acc).contiguous();
+  const bool same = k.data_ptr() == q.data_ptr() && k.sizes() == q.sizes();
+  o.k = same ? o.q : k.detach().to(acc).contiguous();
   o.ql = qlab.to(at::kLong).contiguous();
   o.kl = klab.to(at::kLong).contiguous();
   o.n = pr.n;
@@ -383,7 +390,8 @@ std::tuple<at::Tensor, at::Tensor> lse_bwd(const at::Tensor& g_lse, const at::Te
   check_stat("lse_bwd", "g_lse", g_lse, q);
   check_stat("lse_bwd", "g_psum", g_psum, q);
   check_stat("lse_bwd", "lse", lse, q);
-  const at::Tensor gl = g_lse.contiguous(), gp = g_psum.contiguous(), ls = lse.contiguous();
+  const at::Tensor gl = g_lse.detach().contiguous(), gp = g_psum.detach().contiguous();
+  const at::Tensor ls = lse.detach().contiguous();
   at::Tensor dq, dk;
   AT_DISPATCH_FLOATING_TYPES(o.q.scalar_type(), "flashcon_lse_bwd_cpu", [&] {
     using T = scalar_t;
@@ -404,7 +412,7 @@ std::tuple<at::Tensor, at::Tensor> sp_fwd(const at::Tensor& q, const at::Tensor&
                                           double scale) {
   const Operands o = prepare("sp_fwd", q, k, qlab, klab);
   check_stat("sp_fwd", "eta", eta, q);
-  const at::Tensor et = eta.contiguous();
+  const at::Tensor et = eta.detach().contiguous();
   at::Tensor sp = at::zeros({o.n}, o.q.options());
   at::Tensor r = at::zeros({o.n}, o.q.options());
   AT_DISPATCH_FLOATING_TYPES(o.q.scalar_type(), "flashcon_sp_fwd_cpu", [&] {
@@ -437,7 +445,7 @@ std::tuple<at::Tensor, at::Tensor> sp_bwd(const at::Tensor& g_sp, const at::Tens
   const Operands o = prepare("sp_bwd", q, k, qlab, klab);
   check_stat("sp_bwd", "g_sp", g_sp, q);
   check_stat("sp_bwd", "eta", eta, q);
-  const at::Tensor gs = g_sp.contiguous(), et = eta.contiguous();
+  const at::Tensor gs = g_sp.detach().contiguous(), et = eta.detach().contiguous();
   at::Tensor dq, dk;
   AT_DISPATCH_FLOATING_TYPES(o.q.scalar_type(), "flashcon_sp_bwd_cpu", [&] {
     using T = scalar_t;

@@ -21,6 +21,9 @@
 
 #if defined(__CUDACC__)
 #define FLASHCON_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Always inlined so the CPU loops that call these functions vectorise.
+#define FLASHCON_HD inline __attribute__((always_inline))
 #else
 #define FLASHCON_HD inline
 #endif

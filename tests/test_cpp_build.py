@@ -1,0 +1,113 @@
+"""Resource usage of the compiled CUDA kernels of flashcon._C (no GPU needed).
+
+Reads the cubins embedded in the extension with ``cuobjdump --dump-resource-usage`` (the CUDA
+toolkit's, or the copy Triton's wheel ships) and fails on any spill (stack frame or local
+memory) and on a missing sm_80 or sm_90 build. Skipped when the extension was built CPU-only.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import flashcon
+from flashcon.engine import cpp_available
+
+
+def _extension() -> str | None:
+    found = glob.glob(os.path.join(os.path.dirname(flashcon.__file__), "_C*.so"))
+    return found[0] if found else None
+
+
+def _cuobjdump() -> str | None:
+    cands = [shutil.which("cuobjdump")]
+    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    cands.append(os.path.join(cuda_home, "bin", "cuobjdump"))
+    try:
+        import triton
+
+        cands.append(
+            os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        )
+    except ImportError:
+        pass
+    for c in cands:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+def _resource_table() -> dict[str, list[dict]]:
+    so = _extension()
+    if so is None or not cpp_available("cpu")[0]:
+        pytest.skip("flashcon._C is not built")
+    if not torch.ops.flashcon.has_cuda():
+        pytest.skip("flashcon._C was built CPU-only (no CUDA kernels to inspect)")
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump found (CUDA toolkit or triton wheel)")
+    out = subprocess.run(
+        [tool, "--dump-resource-usage", so], capture_output=True, text=True, check=True
+    ).stdout
+    table: dict[str, list[dict]] = {}
+    arch = None
+    func = None
+    for line in out.splitlines():
+        m = re.search(r"arch = (sm_\d+)", line)
+        if m:
+            arch = m.group(1)
+            table.setdefault(arch, [])
+            continue
+        m = re.search(r"Function (\S+):", line)
+        if m:
+            func = m.group(1)
+            continue
+        if "REG:" in line and arch and func:
+            vals = dict(re.findall(r"(\w+(?:\[\d+\])?):(\d+)", line))
+            table[arch].append({"name": func, **{k: int(v) for k, v in vals.items()}})
+    return table
+
+
+def test_both_architectures_are_built():
+    table = _resource_table()
+    for arch in ("sm_80", "sm_90"):
+        assert table.get(arch), f"no {arch} kernels in flashcon._C (got {sorted(table)})"
+    names = {k["name"] for k in table["sm_80"]}
+    for kernel in ("fwd_kernel", "bwd_kernel"):
+        assert any(kernel in n for n in names), f"{kernel} missing from the sm_80 build"
+
+
+def test_no_spills():
+    table = _resource_table()
+    bad = [
+        f"{arch} {k['name']}: REG {k['REG']} STACK {k['STACK']} LOCAL {k['LOCAL']}"
+        for arch, kernels in table.items()
+        for k in kernels
+        if k.get("STACK", 0) > 0 or k.get("LOCAL", 0) > 0
+    ]
+    assert not bad, "kernels with stack frames / local memory (spills):\n" + "\n".join(bad)
+
+
+def test_print_resource_usage(capsys):
+    table = _resource_table()
+    with capsys.disabled():
+        print()
+        for arch, kernels in sorted(table.items()):
+            for k in kernels:
+                name = (
+                    subprocess.run(
+                        ["c++filt", k["name"]], capture_output=True, text=True
+                    ).stdout.strip()
+                    if shutil.which("c++filt")
+                    else k["name"]
+                )
+                print(
+                    f"  {arch} REG {k['REG']:3d} STACK {k['STACK']} SHARED {k['SHARED']:6d} "
+                    f"{name.replace('flashcon::cuda::(anonymous namespace)::', '')}"
+                )
