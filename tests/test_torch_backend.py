@@ -80,37 +80,48 @@ def test_low_precision_within_twice_torch_error(loss, dtype):
         assert e <= 2 * e_dense + atol, (key, e, e_dense)
 
 
+POSITIVES = ["labels", "multilabel", "pos_weight"]
+
+
+def _op_inputs(mode, n=7, m=11):
+    q = torch.randn(n, 5, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(m, 5, dtype=torch.float64, requires_grad=True)
+    if mode == "multilabel":
+        qlab, klab = torch.randint(0, 8, (n,)), torch.randint(0, 8, (m,))
+    else:
+        qlab, klab = torch.randint(0, 3, (n,)), torch.randint(0, 3, (m,))
+    pos_weight = None
+    if mode == "pos_weight":
+        pos_weight = torch.rand(3, 4, dtype=torch.float64) * (torch.rand(3, 4) > 0.4)
+    return q, k, qlab, klab, mode == "multilabel", pos_weight
+
+
+@pytest.mark.parametrize("mode", POSITIVES)
 @pytest.mark.parametrize("self_offset", [-1, 0, 3])
-def test_ops_opcheck(self_offset):
+def test_ops_opcheck(self_offset, mode):
     lse_fwd, lse_bwd, sp_fwd, sp_bwd = _TORCH_OPS
-    q = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
-    qlab = torch.randint(0, 3, (7,))
-    klab = torch.randint(0, 3, (11,))
-    torch.library.opcheck(lse_fwd, (q, k, qlab, klab, self_offset, 2.0, 1.0, 0.5, 3.0))
+    q, k, qlab, klab, ml, pw = _op_inputs(mode)
+    extra = (ml, pw)
+    torch.library.opcheck(lse_fwd, (q, k, qlab, klab, self_offset, 2.0, 1.0, 0.5, 3.0, *extra))
     eta = torch.randn(7, dtype=torch.float64, requires_grad=True)
-    torch.library.opcheck(sp_fwd, (q, k, qlab, klab, eta, self_offset, 2.0))
-    lse = torch_stream.lse_fwd(q, k, qlab, klab, self_offset, 2.0, 1.0, 0.5, 3.0)[0].detach()
+    torch.library.opcheck(sp_fwd, (q, k, qlab, klab, eta, self_offset, 2.0, *extra))
+    lse = torch_stream.lse_fwd(q, k, qlab, klab, self_offset, 2.0, 1.0, 0.5, 3.0, *extra)[0]
     g = torch.randn(7, dtype=torch.float64)
-    torch.library.opcheck(
-        lse_bwd, (g, g, q.detach(), k.detach(), qlab, klab, lse, self_offset, 2.0, 1.0, 0.5, 3.0)
-    )
-    torch.library.opcheck(
-        sp_bwd, (g, q.detach(), k.detach(), qlab, klab, eta.detach(), self_offset, 2.0)
-    )
+    qd, kd = q.detach(), k.detach()
+    args = (g, g, qd, kd, qlab, klab, lse.detach(), self_offset, 2.0, 1.0, 0.5, 3.0, *extra)
+    torch.library.opcheck(lse_bwd, args)
+    torch.library.opcheck(sp_bwd, (g, qd, kd, qlab, klab, eta.detach(), self_offset, 2.0, *extra))
 
 
-def test_ops_gradcheck_rectangular():
+@pytest.mark.parametrize("mode", POSITIVES)
+def test_ops_gradcheck_rectangular(mode):
     lse_fwd, _, sp_fwd, _ = _TORCH_OPS
-    q = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    q, k, qlab, klab, ml, pw = _op_inputs(mode, 6, 9)
     eta = torch.randn(6, dtype=torch.float64, requires_grad=True)
-    qlab = torch.tensor([0, 1, 2, 0, 1, 2])
-    klab = torch.randint(0, 3, (9,))
 
     def f(q, k, eta):
-        lse, psum, _ = lse_fwd(q, k, qlab, klab, 2, 1.5, 1.0, 2.0, 4.0)
-        sp, _ = sp_fwd(q, k, qlab, klab, eta, 2, 1.5)
+        lse, psum, _ = lse_fwd(q, k, qlab, klab, 2, 1.5, 1.0, 2.0, 4.0, ml, pw)
+        sp, _ = sp_fwd(q, k, qlab, klab, eta, 2, 1.5, ml, pw)
         return lse.sum() + (psum * 0.3).sum() + sp.sum()
 
     assert torch.autograd.gradcheck(f, (q, k, eta))

@@ -67,8 +67,14 @@ def test_label_errors(backend, loss):
         fn(y=torch.tensor([0, 1, 0]))
     with pytest.raises(TypeError, match="integer"):
         fn(y=torch.tensor([0.0, 1.0, 0.0, 1.0]))
-    with pytest.raises(ValueError, match=r"\[B\]"):
+    with pytest.raises(TypeError, match="multi-hot bool"):
         fn(y=torch.zeros(4, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[B\]"):
+        fn(y=torch.zeros(4, 2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="1 to 64"):
+        fn(y=torch.zeros(4, 65, dtype=torch.bool))
+    with pytest.raises(ValueError, match="rows"):
+        fn(y=torch.zeros(3, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="on meta"):
         fn(y=Y.to("meta"))
 

@@ -90,7 +90,10 @@ def check_labels(
     if labels.dtype == torch.bool or labels.dtype not in _INT_DTYPES:
         raise TypeError(f"{name} must be an integer tensor of class ids, got dtype {labels.dtype}")
     if labels.dim() != 1:
-        raise ValueError(f"{name} must have shape [B], got shape {tuple(labels.shape)}")
+        raise ValueError(
+            f"{name} must have shape [B] (class ids) or be a multi-hot bool [B, L], "
+            f"got shape {tuple(labels.shape)}"
+        )
     if labels.shape[0] != b:
         raise ValueError(f"{name} has {labels.shape[0]} entries but features have B = {b} samples")
     _same_device(labels, ref, name)
@@ -103,6 +106,58 @@ def check_labels(
                 f"got values in [{lo}, {hi}]"
             )
     return labels
+
+
+MAX_LABELS = 64
+
+
+def pack_multihot(y: Tensor) -> Tensor:
+    """Multi-hot ``[B, L]`` (L <= 64) to int64 bitmasks: bit l set when label l is present.
+
+    Two samples are positives when their bitmasks share a bit (``a & b != 0``).
+    """
+    bits = torch.bitwise_left_shift(
+        torch.ones((), dtype=torch.long, device=y.device),
+        torch.arange(y.shape[1], device=y.device),
+    )
+    return (y.long() * bits).sum(dim=1)  # distinct bits: the sum is the bitwise OR
+
+
+def check_label_input(
+    labels: Tensor | None,
+    b: int,
+    ref: Tensor,
+    *,
+    required: bool = False,
+    num_classes: int | None = None,
+    name: str = "labels",
+) -> tuple[Tensor | None, bool]:
+    """Integer class ids ``[B]`` or a multi-hot bool ``[B, L]`` (L <= 64).
+
+    Returns (labels, multilabel): int64 class ids, or int64 bitmasks when multi-hot.
+    """
+    if isinstance(labels, Tensor) and labels.dtype == torch.bool and labels.dim() == 2:
+        if labels.shape[0] != b:
+            raise ValueError(f"{name} has {labels.shape[0]} rows but features have B = {b} samples")
+        n_lab = labels.shape[1]
+        if n_lab == 0 or n_lab > MAX_LABELS:
+            raise ValueError(
+                f"multi-hot {name} must have 1 to {MAX_LABELS} label columns, got {n_lab}"
+            )
+        if num_classes is not None and n_lab > num_classes:
+            raise ValueError(
+                f"multi-hot {name} have {n_lab} label columns but there are only "
+                f"{num_classes} prototypes"
+            )
+        _same_device(labels, ref, name)
+        return pack_multihot(labels), True
+    if isinstance(labels, Tensor) and labels.dim() == 2:
+        raise TypeError(
+            f"{name} of shape [B, L] must be a multi-hot bool tensor, got dtype {labels.dtype}"
+        )
+    return check_labels(
+        labels, b, ref, required=required, num_classes=num_classes, name=name
+    ), False
 
 
 def check_mask(mask: Tensor, b: int, ref: Tensor, name: str = "mask") -> Tensor:

@@ -2,33 +2,43 @@
 
 Contract (every backend implements exactly these four functions)
 ----------------------------------------------------------------
-Anchors ``q [N, D]`` with integer labels ``qlab [N]`` against columns ``k [M, D]`` with labels
+Anchors ``q [N, D]`` with labels ``qlab [N]`` (int64) against columns ``k [M, D]`` with labels
 ``klab [M]``. Column j is anchor i's own column when ``self_offset >= 0`` and
-``j == i + self_offset``; it is excluded from everything. Of the other columns, j is a
-*positive* of i when ``qlab[i] == klab[j]`` and a *negative* otherwise. ``s_ij = q_i·k_j`` is
-accumulated in the statistics dtype (float64 for float64 inputs, float32 otherwise).
+``j == i + self_offset``; it is excluded from everything. Every other column has a *positive
+weight* m_ij >= 0 and is a *positive* (j ∈ P(i)) when m_ij > 0, a *negative* (j ∈ N(i))
+otherwise:
 
-``lse_fwd(q, k, qlab, klab, self_offset, scale, w_pos, w_neg, k1) -> (lse, psum, pcnt)``
-    lse_i  = log( Σ_{j∈P(i)} [w_pos·e^{scale·s_ij} + k1·e^{−s_ij}]
+- class labels (``multilabel=False``, ``pos_weight=None``): m_ij = [qlab_i == klab_j];
+- multi-label (``multilabel=True``): labels are int64 bitmasks, m_ij = [(qlab_i & klab_j) != 0];
+- ``pos_weight`` ``[Bq, Bk]`` given: m_ij = pos_weight[i mod Bq, j mod Bk] and labels are
+  ignored (SupContrast's ``mask``, tiled over the views; read per tile, never expanded).
+
+``s_ij = q_i·k_j`` is accumulated in the statistics dtype (float64 for float64 inputs,
+float32 otherwise). The last two arguments of every function are ``multilabel: bool`` and
+``pos_weight: Tensor | None``.
+
+``lse_fwd(q, k, qlab, klab, self_offset, scale, w_pos, w_neg, k1, ...) -> (lse, psum, pcnt)``
+    lse_i  = log( Σ_{j∈P(i)} m_ij·[w_pos·e^{scale·s_ij} + k1·e^{−s_ij}]
                   + Σ_{j∈N(i)} w_neg·e^{scale·s_ij} )
              (−inf when the sum has no term: every weight of the row's columns is 0);
-    psum_i = Σ_{j∈P(i)} s_ij;  pcnt_i = |P(i)| (as a float).
+    psum_i = Σ_j m_ij·s_ij;  pcnt_i = Σ_j m_ij  (|P(i)| for labels).
     One masked, max-shifted online log-sum-exp covers SupCon's LSE over A(i) (1, 1, 0),
     L_in's LSE over positives (1, 0, 0), SINCERE's η over negatives (0, 1, 0) and TCL's
     partition function (1, k2, k1); psum/pcnt give the closed-form target terms.
-``lse_bwd(g_lse, g_psum, q, k, qlab, klab, lse, self_offset, scale, w_pos, w_neg, k1) -> (dq, dk)``
-    G_ij = g_lse_i·e^{−lse_i}·( w_ij·scale·e^{scale·s_ij} − [j∈P(i)]·k1·e^{−s_ij} )
-           + g_psum_i·[j∈P(i)],    with w_ij = w_pos on P(i), w_neg on N(i);
+``lse_bwd(g_lse, g_psum, q, k, qlab, klab, lse, self_offset, scale, w_pos, w_neg, k1, ...)``
+    -> (dq, dk) with
+    G_ij = g_lse_i·e^{−lse_i}·( c_ij·scale·e^{scale·s_ij} − [j∈P(i)]·m_ij·k1·e^{−s_ij} )
+           + g_psum_i·m_ij,    with c_ij = w_pos·m_ij on P(i), w_neg on N(i);
     rows with lse_i = −inf have no terms and get no gradient. dq = G·k, dk = Gᵀ·q.
-``sp_fwd(q, k, qlab, klab, eta, self_offset, scale) -> (sp, r)``
-    sp_i = Σ_{j∈P(i)} softplus(eta_i − scale·s_ij),   r_i = Σ_{j∈P(i)} σ(eta_i − scale·s_ij)
-    (SINCERE's second pass; r_i = ∂sp_i/∂eta_i).
-``sp_bwd(g_sp, q, k, qlab, klab, eta, self_offset, scale) -> (dq, dk)``
-    G_ij = −g_sp_i·scale·σ(eta_i − scale·s_ij)·[j∈P(i)];  dq = G·k, dk = Gᵀ·q.
+``sp_fwd(q, k, qlab, klab, eta, self_offset, scale, ...) -> (sp, r)``
+    sp_i = Σ_{j∈P(i)} m_ij·softplus(eta_i − scale·s_ij),
+    r_i  = Σ_{j∈P(i)} m_ij·σ(eta_i − scale·s_ij)   (SINCERE's second pass; r_i = ∂sp_i/∂eta_i).
+``sp_bwd(g_sp, q, k, qlab, klab, eta, self_offset, scale, ...) -> (dq, dk)``
+    G_ij = −g_sp_i·scale·m_ij·σ(eta_i − scale·s_ij);  dq = G·k, dk = Gᵀ·q.
 
-Gradients reach q and k only (labels, eta's own producer is reached through autograd via r).
-Every output is O(N + M); nothing N×M exists in any backend. ``dq``/``dk`` have the dtype of
-``q``/``k``; statistics have the statistics dtype.
+Gradients reach q and k only (labels and weights get none; eta's producer is reached through
+autograd via r). Every output is O(N + M); nothing N×M exists in any backend. ``dq``/``dk``
+have the dtype of ``q``/``k``; statistics have the statistics dtype.
 
 Each backend registers the four functions as ops (``flashcon::<backend>_lse_fwd`` …, or the
 C++ ``flashcon::lse_fwd`` dispatched by device); :func:`register_backend_autograd` connects
@@ -78,28 +88,29 @@ def register_backend_autograd(lse_fwd_op, lse_bwd_op, sp_fwd_op, sp_bwd_op) -> N
     """Connect forward ops to their backward ops with ``torch.library.register_autograd``."""
 
     def lse_setup(ctx, inputs, output):
-        q, k, qlab, klab, self_offset, scale, w_pos, w_neg, k1 = inputs
-        ctx.save_for_backward(q, k, qlab, klab, output[0])
-        ctx.args = (self_offset, scale, w_pos, w_neg, k1)
+        q, k, qlab, klab, self_offset, scale, w_pos, w_neg, k1, multilabel, pos_weight = inputs
+        ctx.save_for_backward(q, k, qlab, klab, output[0], pos_weight)
+        ctx.args = (self_offset, scale, w_pos, w_neg, k1, multilabel)
 
     def lse_backward(ctx, g_lse, g_psum, g_pcnt):
-        q, k, qlab, klab, lse = ctx.saved_tensors
-        dq, dk = lse_bwd_op(_stat(g_lse, lse), _stat(g_psum, lse), q, k, qlab, klab, lse, *ctx.args)
-        return dq, dk, None, None, None, None, None, None, None
+        q, k, qlab, klab, lse, pos_weight = ctx.saved_tensors
+        g_l, g_p = _stat(g_lse, lse), _stat(g_psum, lse)
+        dq, dk = lse_bwd_op(g_l, g_p, q, k, qlab, klab, lse, *ctx.args, pos_weight)
+        return (dq, dk) + (None,) * 9
 
     torch.library.register_autograd(lse_fwd_op, lse_backward, setup_context=lse_setup)
 
     def sp_setup(ctx, inputs, output):
-        q, k, qlab, klab, eta, self_offset, scale = inputs
-        ctx.save_for_backward(q, k, qlab, klab, eta, output[1])
-        ctx.args = (self_offset, scale)
+        q, k, qlab, klab, eta, self_offset, scale, multilabel, pos_weight = inputs
+        ctx.save_for_backward(q, k, qlab, klab, eta, output[1], pos_weight)
+        ctx.args = (self_offset, scale, multilabel)
 
     def sp_backward(ctx, g_sp, g_r):
-        q, k, qlab, klab, eta, r = ctx.saved_tensors
+        q, k, qlab, klab, eta, r, pos_weight = ctx.saved_tensors
         g = _stat(g_sp, eta)
-        dq, dk = sp_bwd_op(g, q, k, qlab, klab, eta, *ctx.args)
+        dq, dk = sp_bwd_op(g, q, k, qlab, klab, eta, *ctx.args, pos_weight)
         # ∂sp_i/∂eta_i = r_i; r itself is treated as a constant (no second-order terms).
-        return dq, dk, None, None, g * r, None, None
+        return dq, dk, None, None, g * r, None, None, None, None
 
     torch.library.register_autograd(sp_fwd_op, sp_backward, setup_context=sp_setup)
 
@@ -113,19 +124,19 @@ def register_fakes(lse_fwd_op, lse_bwd_op, sp_fwd_op, sp_bwd_op) -> None:
     """Shape-only implementations used by torch.compile and meta tensors."""
 
     @torch.library.register_fake(lse_fwd_op)
-    def _(q, k, qlab, klab, self_offset, scale, w_pos, w_neg, k1):
+    def _(q, k, *args):
         return _fake_stats(q, 3)
 
     @torch.library.register_fake(lse_bwd_op)
-    def _(g_lse, g_psum, q, k, qlab, klab, lse, self_offset, scale, w_pos, w_neg, k1):
+    def _(g_lse, g_psum, q, k, *args):
         return torch.empty_like(q), torch.empty_like(k)
 
     @torch.library.register_fake(sp_fwd_op)
-    def _(q, k, qlab, klab, eta, self_offset, scale):
+    def _(q, k, *args):
         return _fake_stats(q, 2)
 
     @torch.library.register_fake(sp_bwd_op)
-    def _(g_sp, q, k, qlab, klab, eta, self_offset, scale):
+    def _(g_sp, q, k, *args):
         return torch.empty_like(q), torch.empty_like(k)
 
 
@@ -145,8 +156,12 @@ def _torch_lse_fwd(
     w_pos: float,
     w_neg: float,
     k1: float,
+    multilabel: bool,
+    pos_weight: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return torch_stream.lse_fwd(q, k, qlab, klab, self_offset, scale, w_pos, w_neg, k1)
+    return torch_stream.lse_fwd(
+        q, k, qlab, klab, self_offset, scale, w_pos, w_neg, k1, multilabel, pos_weight
+    )
 
 
 @torch.library.custom_op("flashcon::torch_lse_bwd", mutates_args=())
@@ -163,17 +178,40 @@ def _torch_lse_bwd(
     w_pos: float,
     w_neg: float,
     k1: float,
+    multilabel: bool,
+    pos_weight: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     return torch_stream.lse_bwd(
-        g_lse, g_psum, q, k, qlab, klab, lse, self_offset, scale, w_pos, w_neg, k1
+        g_lse,
+        g_psum,
+        q,
+        k,
+        qlab,
+        klab,
+        lse,
+        self_offset,
+        scale,
+        w_pos,
+        w_neg,
+        k1,
+        multilabel,
+        pos_weight,
     )
 
 
 @torch.library.custom_op("flashcon::torch_sp_fwd", mutates_args=())
 def _torch_sp_fwd(
-    q: Tensor, k: Tensor, qlab: Tensor, klab: Tensor, eta: Tensor, self_offset: int, scale: float
+    q: Tensor,
+    k: Tensor,
+    qlab: Tensor,
+    klab: Tensor,
+    eta: Tensor,
+    self_offset: int,
+    scale: float,
+    multilabel: bool,
+    pos_weight: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    return torch_stream.sp_fwd(q, k, qlab, klab, eta, self_offset, scale)
+    return torch_stream.sp_fwd(q, k, qlab, klab, eta, self_offset, scale, multilabel, pos_weight)
 
 
 @torch.library.custom_op("flashcon::torch_sp_bwd", mutates_args=())
@@ -186,8 +224,12 @@ def _torch_sp_bwd(
     eta: Tensor,
     self_offset: int,
     scale: float,
+    multilabel: bool,
+    pos_weight: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    return torch_stream.sp_bwd(g_sp, q, k, qlab, klab, eta, self_offset, scale)
+    return torch_stream.sp_bwd(
+        g_sp, q, k, qlab, klab, eta, self_offset, scale, multilabel, pos_weight
+    )
 
 
 _TORCH_OPS = (_torch_lse_fwd, _torch_lse_bwd, _torch_sp_fwd, _torch_sp_bwd)

@@ -68,7 +68,20 @@ def _engine_for(backend: str, z: Tensor) -> Engine | None:
     return get_engine(concrete)
 
 
-def _lse(eng: Engine, spec: str, idx: int, q, k, qlab, klab, self_offset, t, options=None):
+def _lse(
+    eng: Engine,
+    spec: str,
+    idx: int,
+    q,
+    k,
+    qlab,
+    klab,
+    self_offset,
+    t,
+    options=None,
+    multilabel: bool = False,
+    pos_weight: Tensor | None = None,
+):
     w_pos, w_neg, k1 = LOSS_SPECS[spec].streams[idx].weights(options or {})
     return eng.lse(
         q.contiguous(),
@@ -80,6 +93,8 @@ def _lse(eng: Engine, spec: str, idx: int, q, k, qlab, klab, self_offset, t, opt
         w_pos,
         w_neg,
         k1,
+        multilabel,
+        pos_weight,
     )
 
 
@@ -103,6 +118,7 @@ def _contrast(
     group,
     queue: MemoryQueue | None,
     soft: Tensor | None = None,
+    multilabel: bool = False,
 ) -> _Contrast:
     cols, labels, offset, world = z, y, 0, 1
     if gather:
@@ -113,7 +129,7 @@ def _contrast(
             soft, _ = D.gather_rows(soft, group)
     n_batch = cols.shape[0]
     if queue is not None:
-        qz, qy = queue.check_for(z, soft=soft is not None)
+        qz, qy = queue.check_for(z, soft=soft is not None, multilabel=multilabel)
         cols = torch.cat([cols, qz])
         if soft is not None:
             qy = qy.to(soft.dtype)
@@ -152,7 +168,8 @@ def _finite_or_zero(x: Tensor) -> Tensor:
 def _out_rows(lse: Tensor, psum: Tensor, pcnt: Tensor, t: float) -> Tensor:
     """SupCon L_out per row: LSE_i − Q_i/C_i with Q_i = psum_i/τ; 0 without positives."""
     has = pcnt > 0
-    row = _finite_or_zero(lse) - psum / (t * pcnt.clamp_min(1))
+    # pcnt is a count for labels but a sum of weights (possibly < 1) for a mask.
+    row = _finite_or_zero(lse) - psum / (t * torch.where(has, pcnt, torch.ones_like(pcnt)))
     return torch.where(has, row, torch.zeros_like(row))
 
 
@@ -209,12 +226,11 @@ def supcon_loss(
         raise ValueError("supcon_loss: pass either labels or mask, not both")
     eng = _engine_for(backend, z)
     _check_streaming(eng, gather_distributed, queue, "supcon_loss")
-    if eng is None or mask is not None:
-        if mask is not None and eng is not None:
-            raise ValueError(
-                "supcon_loss(mask=...) is supported by backend='reference' only for now; "
-                "pass integer labels for the streaming backends"
-            )
+    if mask is not None and eng is not None:
+        return _supcon_masked(
+            eng, z, b, mask, t, tb, contrast_mode, variant, gather_distributed, queue
+        )
+    if eng is None:
         return R.supcon_loss(
             features,
             labels,
@@ -225,26 +241,52 @@ def supcon_loss(
             variant=variant,
             queue=queue,
         )
-    y = V.check_labels(labels, b, z)
+    y, ml = V.check_label_input(labels, b, z)
     if y is None:
         y = _sample_ids(b, z.device, gather_distributed, group)
     y = y.repeat(v)
     if queue is not None and labels is None:
         queue = _negatives_only(queue)
-    c = _contrast(z, y, gather=gather_distributed, group=group, queue=queue)
+    c = _contrast(z, y, gather=gather_distributed, group=group, queue=queue, multilabel=ml)
     na = b if contrast_mode == "one" else z.shape[0]
     q, qlab = z[:na], y[:na]
     spec = f"supcon_{variant}"
-    lse, psum, pcnt = _lse(eng, spec, 0, q, c.cols, qlab, c.labels, c.offset, t)
+    lse, psum, pcnt = _lse(eng, spec, 0, q, c.cols, qlab, c.labels, c.offset, t, multilabel=ml)
     if variant == "out":
         rows = _out_rows(lse, psum, pcnt, t)
     else:
-        lse_p, _, _ = _lse(eng, spec, 1, q, c.cols, qlab, c.labels, c.offset, t)
+        lse_p, _, _ = _lse(eng, spec, 1, q, c.cols, qlab, c.labels, c.offset, t, multilabel=ml)
         has = pcnt > 0
         rows = _finite_or_zero(lse) - _finite_or_zero(lse_p) + torch.log(pcnt.clamp_min(1))
         rows = torch.where(has, rows, torch.zeros_like(rows))
     n_global = c.n_batch // v if contrast_mode == "one" else c.n_batch
     return ((t / tb) * _reduce(rows.sum(), n_global, c.world)).to(_acc(z))
+
+
+def _supcon_masked(eng, z, b, mask, t, tb, contrast_mode, variant, gather, queue) -> Tensor:
+    """SupCon with SupContrast's [B, B] positive weights, streamed: the engine reads the weights
+    per tile (``pos_weight``), nothing N×N is built. Two passes: the LSE over A(i) does not
+    depend on the mask; the weighted pass gives Σ_j w_ij ℓ_ij, Σ_j w_ij and L_in's
+    log Σ_j w_ij e^{ℓ_ij}."""
+    if gather or queue is not None:
+        raise ValueError(
+            "supcon_loss(mask=...) covers this rank's batch only: it cannot be combined with "
+            "gather_distributed or a queue; pass labels instead"
+        )
+    w = V.check_mask(mask, b, z).to(_acc(z)).contiguous()
+    na = b if contrast_mode == "one" else z.shape[0]
+    q = z[:na]
+    zeros = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
+    lse, _, _ = _lse(eng, "supcon_mask", 0, q, z, zeros[:na], zeros, 0, t)
+    lse_p, psum, pcnt = _lse(eng, "supcon_mask", 1, q, z, zeros[:na], zeros, 0, t, pos_weight=w)
+    if variant == "out":
+        rows = _out_rows(lse, psum, pcnt, t)
+    else:
+        has = pcnt > 0
+        log_c = torch.log(torch.where(has, pcnt, torch.ones_like(pcnt)))
+        rows = _finite_or_zero(lse) - _finite_or_zero(lse_p) + log_c
+        rows = torch.where(has, rows, torch.zeros_like(rows))
+    return ((t / tb) * rows.mean()).to(_acc(z))
 
 
 class _NegativesOnly:
@@ -253,8 +295,8 @@ class _NegativesOnly:
     def __init__(self, queue: MemoryQueue) -> None:
         self.queue = queue
 
-    def check_for(self, z: Tensor, soft: bool) -> tuple[Tensor, Tensor]:
-        qz, qy = self.queue.check_for(z, soft=False)
+    def check_for(self, z: Tensor, soft: bool, multilabel: bool = False) -> tuple[Tensor, Tensor]:
+        qz, qy = self.queue.check_for(z, soft=False, multilabel=self.queue.multilabel)
         # Distinct negative ids never equal a (non-negative) sample id, nor each other.
         return qz, -1 - torch.arange(qz.shape[0], device=qz.device)
 
@@ -316,10 +358,13 @@ def sincere_loss(
     _check_streaming(eng, gather_distributed, queue, "sincere_loss")
     if eng is None:
         return R.sincere_loss(features, labels, temperature=t, queue=queue)
-    y = V.check_labels(labels, b, z, required=True).repeat(v)
-    c = _contrast(z, y, gather=gather_distributed, group=group, queue=queue)
-    eta, _, pcnt = _lse(eng, "sincere", 0, z, c.cols, y, c.labels, c.offset, t)
-    sp, _ = eng.sp(z.contiguous(), c.cols.contiguous(), y, c.labels, eta, c.offset, 1.0 / t)
+    y, ml = V.check_label_input(labels, b, z, required=True)
+    y = y.repeat(v)
+    c = _contrast(z, y, gather=gather_distributed, group=group, queue=queue, multilabel=ml)
+    eta, _, pcnt = _lse(eng, "sincere", 0, z, c.cols, y, c.labels, c.offset, t, multilabel=ml)
+    sp, _ = eng.sp(
+        z.contiguous(), c.cols.contiguous(), y, c.labels, eta, c.offset, 1.0 / t, ml, None
+    )
     rows = sp / pcnt.clamp_min(1)
     return _reduce(rows.sum(), c.n_batch, c.world).to(_acc(z))
 
@@ -412,10 +457,13 @@ def tcl_loss(
     _check_streaming(eng, gather_distributed, queue, "tcl_loss")
     if eng is None:
         return R.tcl_loss(features, labels, temperature=t, k1=k1, k2=k2, queue=queue)
-    y = V.check_labels(labels, b, z, required=True).repeat(v)
-    c = _contrast(z, y, gather=gather_distributed, group=group, queue=queue)
+    y, ml = V.check_label_input(labels, b, z, required=True)
+    y = y.repeat(v)
+    c = _contrast(z, y, gather=gather_distributed, group=group, queue=queue, multilabel=ml)
     opts = {"k1": k1, "k2": k2}
-    log_d, psum, pcnt = _lse(eng, "tcl", 0, z, c.cols, y, c.labels, c.offset, t, opts)
+    log_d, psum, pcnt = _lse(
+        eng, "tcl", 0, z, c.cols, y, c.labels, c.offset, t, opts, multilabel=ml
+    )
     rows = _out_rows(log_d, psum, pcnt, t)
     return _reduce(rows.sum(), c.n_batch, c.world).to(_acc(z))
 
@@ -476,18 +524,22 @@ def esupcon_loss(
             prototype_anchors=prototype_anchors,
             queue=queue,
         )
-    y = V.check_labels(labels, b, z, required=True, num_classes=k_cls).repeat(v)
+    y, ml = V.check_label_input(labels, b, z, required=True, num_classes=k_cls)
+    y = y.repeat(v)
     u = (prototypes / prototypes.norm(dim=1, keepdim=True)).to(z.dtype)
-    cls = torch.arange(k_cls, device=z.device)
-    c = _contrast(z, y, gather=gather_distributed, group=group, queue=queue)
+    cls = R._class_labels(k_cls, ml, z.device)
+    c = _contrast(z, y, gather=gather_distributed, group=group, queue=queue, multilabel=ml)
     cols = torch.cat([c.cols, u], dim=0)
-    lse, psum, pcnt = _lse(eng, "esupcon", 0, z, cols, y, torch.cat([c.labels, cls]), c.offset, t)
+    col_lab = torch.cat([c.labels, cls])
+    lse, psum, pcnt = _lse(eng, "esupcon", 0, z, cols, y, col_lab, c.offset, t, multilabel=ml)
     total = _out_rows(lse, psum, pcnt, t).sum()
     count = torch.full((), c.n_batch, dtype=lse.dtype, device=z.device)
     if prototype_anchors:
         # Every prototype is a row; those of classes with no sample among the columns have no
         # positive, give 0 and are not counted (a static shape, so this stays compile-friendly).
-        lse_p, psum_p, pcnt_p = _lse(eng, "esupcon", 0, u, c.cols, cls, c.labels, -1, t)
+        lse_p, psum_p, pcnt_p = _lse(
+            eng, "esupcon", 0, u, c.cols, cls, c.labels, -1, t, multilabel=ml
+        )
         # Each rank computes every prototype anchor: weigh them 1/W so they count once.
         total = total + _out_rows(lse_p, psum_p, pcnt_p, t).sum() / c.world
         count = count + (pcnt_p > 0).sum().to(count.dtype)

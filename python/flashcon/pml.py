@@ -67,7 +67,7 @@ class SupConLoss(nn.Module):
         q = torch.nn.functional.normalize(z, dim=1)
         k = q if ref_emb is None else torch.nn.functional.normalize(k, dim=1)
         lse, psum, pcnt = eng.lse(
-            q.contiguous(), k.contiguous(), y, ky, self_offset, 1 / t, 1, 1, 0
+            q.contiguous(), k.contiguous(), y, ky, self_offset, 1 / t, 1, 1, 0, False, None
         )
         has = pcnt > 0
         rows = torch.where(has, lse - psum / (t * pcnt.clamp_min(1)), torch.zeros_like(lse))

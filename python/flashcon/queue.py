@@ -23,6 +23,8 @@ class MemoryQueue(nn.Module):
         dim: embedding width D.
         num_soft_classes: when given, the queue stores soft labels ``[Q, K]`` (GenSCL) instead
             of integer labels.
+        multilabel: the queue stores multi-hot labels (pushed as bool ``[B, L]``, kept as
+            int64 bitmasks) for losses called with multi-hot labels.
     """
 
     def __init__(
@@ -31,6 +33,7 @@ class MemoryQueue(nn.Module):
         dim: int,
         *,
         num_soft_classes: int | None = None,
+        multilabel: bool = False,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
@@ -39,6 +42,9 @@ class MemoryQueue(nn.Module):
             raise ValueError(f"size and dim must be >= 1, got size={size}, dim={dim}")
         self.size = int(size)
         self.soft = num_soft_classes is not None
+        self.multilabel = bool(multilabel)
+        if self.soft and self.multilabel:
+            raise ValueError("a queue holds soft labels or multi-label bitmasks, not both")
         self.register_buffer("_feats", torch.zeros(size, dim, dtype=dtype, device=device))
         if self.soft:
             lab = torch.zeros(size, int(num_soft_classes), dtype=dtype, device=device)
@@ -81,7 +87,13 @@ class MemoryQueue(nn.Module):
         elif labels is None:
             y = torch.full((z.shape[0],), -1, dtype=torch.long, device=z.device)
         else:
-            y = V.check_labels(labels, b, z).repeat(v)
+            y, ml = V.check_label_input(labels, b, z)
+            if ml != self.multilabel:
+                raise ValueError(
+                    "this queue stores "
+                    + ("multi-hot labels: push bool [B, L]" if self.multilabel else "class ids")
+                )
+            y = y.repeat(v)
         z = z.detach().to(self._feats.dtype)
         y = y.detach().to(self._labels.dtype)
         n = z.shape[0]
@@ -93,8 +105,13 @@ class MemoryQueue(nn.Module):
         self._ptr.fill_((int(self._ptr) + n) % self.size)
         self._count.fill_(min(self.size, int(self._count) + n))
 
-    def check_for(self, z: Tensor, soft: bool) -> tuple[Tensor, Tensor]:
+    def check_for(self, z: Tensor, soft: bool, multilabel: bool = False) -> tuple[Tensor, Tensor]:
         """The queue's (features, labels) ready to append to ``z``'s columns."""
+        if not soft and multilabel != self.multilabel:
+            raise ValueError(
+                f"the loss has {'multi-hot' if multilabel else 'class-id'} labels but the queue "
+                f"stores {'multi-hot' if self.multilabel else 'class-id'} labels"
+            )
         if soft != self.soft:
             kind = "soft labels" if self.soft else "integer labels"
             raise ValueError(

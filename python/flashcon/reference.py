@@ -57,11 +57,30 @@ def _self_mask(n_rows: int, n_cols: int, self_offset: int | None, device) -> Ten
     return m
 
 
-def _label_columns(z: Tensor, y: Tensor, queue: MemoryQueue | None) -> tuple[Tensor, Tensor]:
+def _match(a: Tensor, b: Tensor, multilabel: bool) -> Tensor:
+    """[len(a), len(b)] positives: equal class ids, or multi-label bitmasks sharing a bit."""
+    if multilabel:
+        return (a[:, None] & b[None, :]) != 0
+    return a[:, None] == b[None, :]
+
+
+def _class_labels(k: int, multilabel: bool, device) -> Tensor:
+    """The labels of the K prototypes: class ids, or one bit each for multi-label data."""
+    cls = torch.arange(k, device=device)
+    if not multilabel:
+        return cls
+    if k > V.MAX_LABELS:
+        raise ValueError(f"multi-label ESupCon supports at most {V.MAX_LABELS} prototypes, got {k}")
+    return torch.bitwise_left_shift(torch.ones_like(cls), cls)
+
+
+def _label_columns(
+    z: Tensor, y: Tensor, queue: MemoryQueue | None, multilabel: bool = False
+) -> tuple[Tensor, Tensor]:
     """Contrast columns (the batch, then the queue rows) and their labels."""
     if queue is None:
         return z, y
-    qz, qy = queue.check_for(z, soft=False)
+    qz, qy = queue.check_for(z, soft=False, multilabel=multilabel)
     return torch.cat([z, qz]), torch.cat([y, qy])
 
 
@@ -114,22 +133,22 @@ def supcon_loss(
             raise ValueError("supcon_loss: mask= cannot be combined with a queue")
         w_b = V.check_mask(mask, b, z).to(z.dtype)
     else:
-        y = V.check_labels(labels, b, z) if labels is not None else None
+        y, ml = V.check_label_input(labels, b, z)
         if y is None:
             y = torch.arange(b, device=z.device)
-        w_b = (y[:, None] == y[None, :]).to(z.dtype)
+        w_b = _match(y, y, ml).to(z.dtype)
     w = w_b.repeat(v, v)  # view-major: row i ↦ sample i mod B
     n_anchor = b if contrast_mode == "one" else n
     q = z[:n_anchor]
     cols = z
     if queue is not None:
-        qz, qy = queue.check_for(z, soft=False)
+        qz, qy = queue.check_for(z, soft=False, multilabel=ml)
         cols = torch.cat([z, qz])
         if labels is None:  # SimCLR: queue rows are other samples, i.e. negatives
             w = torch.cat([w, torch.zeros(n, qz.shape[0], dtype=z.dtype)], dim=1)
         else:
             y_rows = y.repeat(v)
-            w = torch.cat([w, (y_rows[:, None] == qy[None, :]).to(z.dtype)], dim=1)
+            w = torch.cat([w, _match(y_rows, qy, ml).to(z.dtype)], dim=1)
     logits = q @ cols.T / temperature
     self_m = _self_mask(n_anchor, cols.shape[0], 0, z.device)
     valid = ~self_m
@@ -158,12 +177,13 @@ def sincere_loss(
     """Dense SINCERE (LOSSES.md §2): each positive against the negatives only."""
     z, b, v = V.flatten_features(features, "features")
     V.check_temperature(temperature, "temperature")
-    y = V.check_labels(labels, b, z, required=True).repeat(v)
+    y, ml = V.check_label_input(labels, b, z, required=True)
+    y = y.repeat(v)
     n = z.shape[0]
-    cols, ycols = _label_columns(z, y, queue)
+    cols, ycols = _label_columns(z, y, queue, ml)
     logits = z @ cols.T / temperature
     not_self = ~_self_mask(n, cols.shape[0], 0, z.device)
-    same = y[:, None] == ycols[None, :]
+    same = _match(y, ycols, ml)
     pos = same & not_self
     neg = ~same
     eta, has_neg = _safe_logsumexp(logits, neg)
@@ -220,13 +240,14 @@ def tcl_loss(
     V.check_temperature(temperature, "temperature")
     V.check_nonneg(k1, "k1")
     V.check_nonneg(k2, "k2")
-    y = V.check_labels(labels, b, z, required=True).repeat(v)
+    y, ml = V.check_label_input(labels, b, z, required=True)
+    y = y.repeat(v)
     n = z.shape[0]
-    cols, ycols = _label_columns(z, y, queue)
+    cols, ycols = _label_columns(z, y, queue, ml)
     s = z @ cols.T
     logits = s / temperature
     not_self = ~_self_mask(n, cols.shape[0], 0, z.device)
-    same = y[:, None] == ycols[None, :]
+    same = _match(y, ycols, ml)
     pos = same & not_self
     neg = ~same
     # log D_i as one log-sum-exp over three sub-streams (LOSSES.md §4.2).
@@ -273,29 +294,29 @@ def esupcon_loss(
         base_temperature = temperature
     V.check_temperature(base_temperature, "base_temperature")
     k_cls = V.check_prototypes(prototypes, z)
-    y = V.check_labels(labels, b, z, required=True, num_classes=k_cls).repeat(v)
+    y, ml = V.check_label_input(labels, b, z, required=True, num_classes=k_cls)
+    y = y.repeat(v)
     n = z.shape[0]
     u = prototypes / prototypes.norm(dim=1, keepdim=True)
     u = u.to(z.dtype)
-    cls = torch.arange(k_cls, device=z.device)
+    cls = _class_labels(k_cls, ml, z.device)
     # Sample anchors against [samples; queue; prototypes].
-    samples, sample_lab = _label_columns(z, y, queue)
+    samples, sample_lab = _label_columns(z, y, queue, ml)
     cols = torch.cat([samples, u], dim=0)
     col_lab = torch.cat([sample_lab, cls])
     logits = z @ cols.T / temperature
     valid = ~_self_mask(n, cols.shape[0], 0, z.device)
-    pos = (y[:, None] == col_lab[None, :]) & valid
+    pos = _match(y, col_lab, ml) & valid
     rows, _ = _supcon_rows(logits, pos.to(z.dtype), valid, "out")
     total = rows.sum()
     count = n
     if prototype_anchors:
-        present = torch.zeros(k_cls, dtype=torch.bool, device=z.device)
-        present[sample_lab[sample_lab >= 0]] = True  # a class with a sample among the columns
+        present = _match(cls, sample_lab, ml).any(dim=1)  # a class with a sample among columns
         up = u[present]
         lab_p = cls[present]
         logits_p = up @ samples.T / temperature
         valid_p = torch.ones_like(logits_p, dtype=torch.bool)
-        pos_p = (lab_p[:, None] == sample_lab[None, :]).to(z.dtype)
+        pos_p = _match(lab_p, sample_lab, ml).to(z.dtype)
         rows_p, _ = _supcon_rows(logits_p, pos_p, valid_p, "out")
         total = total + rows_p.sum()
         count += int(present.sum())

@@ -56,6 +56,13 @@ LOSS_SPECS: dict[str, LossSpec] = {
             "log C_i",
             "lse, lse_pos",
         ),
+        LossSpec(
+            "supcon_mask",
+            (Stream("lse"), Stream("lse_pos", 1.0, 0.0)),
+            False,
+            "weighted Q_i = psum_i/τ and C_i = pcnt_i from the pos_weight pass",
+            "lse, lse_pos",
+        ),
         LossSpec("ntxent", (Stream("lse"),), False, "as supcon_out, label = sample id", "lse"),
         LossSpec(
             "sincere",

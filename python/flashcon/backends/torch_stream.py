@@ -28,31 +28,49 @@ def _chunk_rows(n: int, m: int) -> int:
     return max(1, min(n, budget // max(m, 1)))
 
 
-def _tile(q, k, qlab, klab, r0: int, r1: int, self_offset: int):
-    """Similarities and masks of rows [r0, r1) against all columns (computed in stat dtype)."""
+def _tile(q, k, qlab, klab, r0: int, r1: int, self_offset: int, multilabel: bool, pos_weight):
+    """Similarities, positive weights m_ij (0 off P(i)) and the negative mask of rows [r0, r1).
+
+    Computed in the statistics dtype. With ``pos_weight`` (a ``[Bq, Bk]`` matrix) the weight of
+    (i, j) is ``pos_weight[i % Bq, j % Bk]`` and labels are ignored; otherwise it is 1 where the
+    labels match (``multilabel``: share a bit) and 0 elsewhere. The self column is excluded.
+    """
     acc = stat_dtype(q.dtype)
     qc = q[r0:r1].to(acc)
     s = qc @ k.to(acc).T
-    pos = qlab[r0:r1, None] == klab[None, :]
-    valid = torch.ones_like(pos)
+    m_cols = k.shape[0]
+    valid = torch.ones(s.shape, dtype=torch.bool, device=q.device)
     if self_offset >= 0:
         rows = torch.arange(r1 - r0, device=q.device)
         cols = rows + r0 + self_offset
-        ok = cols < k.shape[0]
+        ok = cols < m_cols
         valid[rows[ok], cols[ok]] = False
-    return qc, s, pos & valid, (~pos) & valid
+    if pos_weight is not None:
+        bq, bk = pos_weight.shape
+        ri = torch.arange(r0, r1, device=q.device) % bq
+        ci = torch.arange(m_cols, device=q.device) % bk
+        w = pos_weight.to(acc)[ri][:, ci]
+    elif multilabel:
+        w = ((qlab[r0:r1, None] & klab[None, :]) != 0).to(acc)
+    else:
+        w = (qlab[r0:r1, None] == klab[None, :]).to(acc)
+    w = torch.where(valid, w, torch.zeros_like(w))
+    return qc, s, w, (w == 0) & valid
 
 
-def _log_terms(s, pos, neg, scale, w_pos, w_neg, k1):
+def _log_terms(s, w, neg, scale, w_pos, w_neg, k1):
     """The exponents of every term of the weighted partition sum, −inf where absent."""
-    t = torch.full_like(s, _NEG_INF)
+    ninf = torch.full_like(s, _NEG_INF)
+    pos = w > 0
+    logw = torch.log(torch.where(pos, w, torch.ones_like(w)))
+    t = ninf
     if w_pos > 0:
-        t = torch.where(pos, scale * s + math.log(w_pos), t)
+        t = torch.where(pos, scale * s + math.log(w_pos) + logw, t)
     if w_neg > 0:
         t = torch.where(neg, scale * s + math.log(w_neg), t)
     terms = [t]
     if k1 > 0:
-        terms.append(torch.where(pos, math.log(k1) - s, torch.full_like(s, _NEG_INF)))
+        terms.append(torch.where(pos, math.log(k1) + logw - s, ninf))
     return terms
 
 
@@ -66,6 +84,8 @@ def lse_fwd(
     w_pos: float,
     w_neg: float,
     k1: float,
+    multilabel: bool = False,
+    pos_weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     n, m = q.shape[0], k.shape[0]
     acc = stat_dtype(q.dtype)
@@ -75,11 +95,11 @@ def lse_fwd(
     step = _chunk_rows(n, m)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
-        _, s, pos, neg = _tile(q, k, qlab, klab, r0, r1, self_offset)
-        terms = _log_terms(s, pos, neg, scale, w_pos, w_neg, k1)
+        _, s, w, neg = _tile(q, k, qlab, klab, r0, r1, self_offset, multilabel, pos_weight)
+        terms = _log_terms(s, w, neg, scale, w_pos, w_neg, k1)
         lse[r0:r1] = torch.logsumexp(torch.cat(terms, dim=1), dim=1)
-        psum[r0:r1] = torch.where(pos, s, torch.zeros_like(s)).sum(dim=1)
-        pcnt[r0:r1] = pos.sum(dim=1).to(acc)
+        psum[r0:r1] = (w * s).sum(dim=1)
+        pcnt[r0:r1] = w.sum(dim=1)
     return lse, psum, pcnt
 
 
@@ -96,6 +116,8 @@ def lse_bwd(
     w_pos: float,
     w_neg: float,
     k1: float,
+    multilabel: bool = False,
+    pos_weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     n, m = q.shape[0], k.shape[0]
     acc = stat_dtype(q.dtype)
@@ -105,16 +127,16 @@ def lse_bwd(
     step = _chunk_rows(n, m)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
-        qc, s, pos, neg = _tile(q, k, qlab, klab, r0, r1, self_offset)
+        qc, s, w, neg = _tile(q, k, qlab, klab, r0, r1, self_offset, multilabel, pos_weight)
         l = lse[r0:r1, None]
         # A row with an empty sum (lse = −inf) has no terms, hence no gradient.
         l = torch.where(torch.isfinite(l), l, torch.zeros_like(l))
-        terms = _log_terms(s, pos, neg, scale, w_pos, w_neg, k1)
+        terms = _log_terms(s, w, neg, scale, w_pos, w_neg, k1)
         # ∂lse/∂s = scale·softmax over the e^{scale s} terms − softmax over the k1 e^{−s} terms.
         g = scale * torch.exp(terms[0] - l)
         if k1 > 0:
             g = g - torch.exp(terms[1] - l)
-        g = g_lse[r0:r1, None] * g + torch.where(pos, g_psum[r0:r1, None], 0.0)
+        g = g_lse[r0:r1, None] * g + g_psum[r0:r1, None] * w
         dq[r0:r1] = g @ kf
         dk += g.T @ qc
     return dq.to(q.dtype), dk.to(k.dtype)
@@ -128,6 +150,8 @@ def sp_fwd(
     eta: Tensor,
     self_offset: int,
     scale: float,
+    multilabel: bool = False,
+    pos_weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     n, m = q.shape[0], k.shape[0]
     acc = stat_dtype(q.dtype)
@@ -136,11 +160,10 @@ def sp_fwd(
     step = _chunk_rows(n, m)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
-        _, s, pos, _ = _tile(q, k, qlab, klab, r0, r1, self_offset)
+        _, s, w, _ = _tile(q, k, qlab, klab, r0, r1, self_offset, multilabel, pos_weight)
         x = eta[r0:r1, None] - scale * s
-        zero = torch.zeros_like(x)
-        sp[r0:r1] = torch.where(pos, torch.nn.functional.softplus(x), zero).sum(dim=1)
-        r[r0:r1] = torch.where(pos, torch.sigmoid(x), zero).sum(dim=1)
+        sp[r0:r1] = (w * torch.nn.functional.softplus(x)).sum(dim=1)
+        r[r0:r1] = (w * torch.sigmoid(x)).sum(dim=1)
     return sp, r
 
 
@@ -153,6 +176,8 @@ def sp_bwd(
     eta: Tensor,
     self_offset: int,
     scale: float,
+    multilabel: bool = False,
+    pos_weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     n, m = q.shape[0], k.shape[0]
     acc = stat_dtype(q.dtype)
@@ -162,10 +187,9 @@ def sp_bwd(
     step = _chunk_rows(n, m)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
-        qc, s, pos, _ = _tile(q, k, qlab, klab, r0, r1, self_offset)
+        qc, s, w, _ = _tile(q, k, qlab, klab, r0, r1, self_offset, multilabel, pos_weight)
         x = eta[r0:r1, None] - scale * s
-        g = torch.where(pos, -scale * torch.sigmoid(x), torch.zeros_like(x))
-        g = g_sp[r0:r1, None] * g
+        g = -scale * g_sp[r0:r1, None] * w * torch.sigmoid(x)
         dq[r0:r1] = g @ kf
         dk += g.T @ qc
     return dq.to(q.dtype), dk.to(k.dtype)

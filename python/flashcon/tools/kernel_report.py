@@ -110,7 +110,6 @@ def _signature(fn, spec: Spec) -> tuple[dict, dict, dict]:
     const.update(DOT_PREC=spec.prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
     if "BLOCK_DO" in fn.arg_names:
         const["BLOCK_DO"] = bdo
-    even = const.get("EVEN_D", False)
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in const:
@@ -125,9 +124,11 @@ def _signature(fn, spec: Spec) -> tuple[dict, dict, dict]:
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
-        # What the runtime specialises on: torch allocations are 16-byte aligned; with an
-        # even D (a multiple of the chunk) D and the row strides are multiples of 16.
-        if sig[name].startswith("*") or (even and (name == "D" or name.startswith("stride"))):
+        # What the runtime specialises on: torch allocations are 16-byte aligned, and the
+        # launchers pad D to a multiple of 16 (``launch.D_ALIGN``), so D and the row strides
+        # of the inputs and outputs are multiples of 16.
+        aligned = name == "D" or name.startswith("stride")
+        if sig[name].startswith("*") or aligned:
             attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, const, attrs
 

@@ -1,0 +1,153 @@
+"""Positives beyond one integer label: SupContrast's mask= and multi-hot labels, every backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flashcon
+from flashcon import MemoryQueue
+from flashcon import reference as R
+from flashcon.engine import cpp_available, triton_available
+from flashcon.testing import assert_close, value_and_grads
+
+BACKENDS = ["torch"]
+if cpp_available("cpu")[0]:
+    BACKENDS.append("cpu")
+if triton_available()[0]:
+    BACKENDS.append("triton")  # through Triton's interpreter on this machine
+
+TOL = {torch.float64: (1e-10, 1e-9), torch.float32: (3e-5, 3e-4)}
+
+
+def _feats(b, v, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (b, d) if v == 0 else (b, v, d)
+    f = torch.nn.functional.normalize(torch.randn(shape, generator=g, dtype=torch.float64), dim=-1)
+    return f.to(dtype)
+
+
+def _dtypes(backend):
+    return [torch.float32] if backend == "triton" else [torch.float64, torch.float32]
+
+
+def _check(fn_ours, fn_ref, inputs, dtype):
+    ref_val, ref_g = value_and_grads(fn_ref, {k: _f64(x) for k, x in inputs.items()})
+    val, g = value_and_grads(fn_ours, inputs)
+    atol, rtol = TOL[dtype]
+    assert_close(val, ref_val, atol=atol, rtol=rtol, name="loss")
+    for key in ref_g:
+        assert_close(g[key], ref_g[key], atol=atol, rtol=rtol * 10, name=f"d{key}")
+
+
+def _f64(x):
+    return x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+
+def _params():
+    for backend in BACKENDS:
+        for dtype in _dtypes(backend):
+            yield pytest.param(backend, dtype, id=f"{backend}-{str(dtype)[6:]}")
+
+
+@pytest.mark.parametrize("backend, dtype", list(_params()))
+@pytest.mark.parametrize("variant", ["out", "in"])
+@pytest.mark.parametrize("mode", ["all", "one"])
+@pytest.mark.parametrize("b, v", [(1, 2), (5, 0), (7, 2), (9, 3)])
+def test_supcon_mask(backend, dtype, variant, mode, b, v):
+    g = torch.Generator().manual_seed(b * 10 + v)
+    mask = torch.rand(b, b, generator=g, dtype=torch.float64)
+    mask = mask * (torch.rand(b, b, generator=g) > 0.5)  # asymmetric weights, some zero rows
+    mask = mask.to(dtype)
+    opts = {"temperature": 0.1, "base_temperature": 0.07, "contrast_mode": mode, "variant": variant}
+    _check(
+        lambda features, mask: flashcon.supcon_loss(features, None, mask, backend=backend, **opts),
+        lambda features, mask: R.supcon_loss(features, None, mask, **opts),
+        {"features": _feats(b, v, 6, dtype), "mask": mask},
+        dtype,
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_binary_mask_equals_labels(backend):
+    f = _feats(8, 2, 5, torch.float32)
+    y = torch.tensor([0, 1, 0, 2, 1, 0, 3, 2])
+    mask = (y[:, None] == y[None, :]).float()
+    a = flashcon.supcon_loss(f, None, mask, backend=backend)
+    b = flashcon.supcon_loss(f, y, backend=backend)
+    assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def _multihot(b, n_lab, seed, density=0.3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, n_lab, generator=g) < density
+
+
+LABEL_LOSSES = {
+    "supcon": lambda mod, f, y, **kw: mod.supcon_loss(f, y, **kw),
+    "supcon_in": lambda mod, f, y, **kw: mod.supcon_loss(f, y, variant="in", **kw),
+    "supcon_one": lambda mod, f, y, **kw: mod.supcon_loss(f, y, contrast_mode="one", **kw),
+    "sincere": lambda mod, f, y, **kw: mod.sincere_loss(f, y, **kw),
+    "tcl": lambda mod, f, y, **kw: mod.tcl_loss(f, y, **kw),
+}
+
+
+@pytest.mark.parametrize("backend, dtype", list(_params()))
+@pytest.mark.parametrize("loss", list(LABEL_LOSSES))
+@pytest.mark.parametrize("b, v, n_lab", [(1, 2, 3), (6, 0, 5), (11, 2, 64), (7, 3, 2)])
+def test_multilabel(backend, dtype, loss, b, v, n_lab):
+    fn = LABEL_LOSSES[loss]
+    _check(
+        lambda features, labels: fn(flashcon, features, labels, backend=backend),
+        lambda features, labels: fn(R, features, labels),
+        {"features": _feats(b, v, 6, dtype, seed=b), "labels": _multihot(b, n_lab, b)},
+        dtype,
+    )
+
+
+@pytest.mark.parametrize("backend, dtype", list(_params()))
+@pytest.mark.parametrize("proto", [True, False])
+def test_multilabel_esupcon(backend, dtype, proto):
+    y = _multihot(9, 5, 3)
+    protos = torch.randn(6, 7, dtype=torch.float64).to(dtype)
+    opts = {"prototype_anchors": proto}
+    _check(
+        lambda features, labels, prototypes: flashcon.esupcon_loss(
+            features, labels, prototypes, backend=backend, **opts
+        ),
+        lambda features, labels, prototypes: R.esupcon_loss(features, labels, prototypes, **opts),
+        {"features": _feats(9, 2, 7, dtype), "labels": y, "prototypes": protos},
+        dtype,
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", list(LABEL_LOSSES))
+def test_one_hot_multilabel_equals_class_labels(backend, loss):
+    y = torch.tensor([0, 1, 0, 2, 1, 0, 3])
+    f = _feats(7, 2, 5, torch.float32)
+    fn = LABEL_LOSSES[loss]
+    a = fn(flashcon, f, torch.nn.functional.one_hot(y, 4).bool(), backend=backend)
+    b = fn(flashcon, f, y, backend=backend)
+    assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_multilabel_queue_matches_reference():
+    q = MemoryQueue(10, 6, multilabel=True, dtype=torch.float64)
+    q.push(_feats(5, 2, 6, torch.float64, seed=3), _multihot(5, 4, 7))
+    with pytest.raises(ValueError, match="multi-hot"):
+        q.push(_feats(2, 0, 6, torch.float64), torch.tensor([0, 1]))
+    f, y = _feats(6, 2, 6, torch.float64), _multihot(6, 4, 9)
+    a = flashcon.supcon_loss(f, y, queue=q, backend="torch")
+    b = R.supcon_loss(f, y, queue=q)
+    assert_close(a, b, atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match="multi-hot"):
+        flashcon.supcon_loss(f, torch.arange(6), queue=q, backend="torch")
+
+
+def test_mask_rejects_queue_and_gather():
+    f = _feats(4, 2, 5, torch.float32)
+    q = MemoryQueue(4, 5)
+    q.push(f, torch.arange(4))
+    with pytest.raises(ValueError, match="queue"):
+        flashcon.supcon_loss(f, None, torch.ones(4, 4), queue=q, backend="torch")
