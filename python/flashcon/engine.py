@@ -36,6 +36,15 @@ float32 otherwise). The last two arguments of every function are ``multilabel: b
 ``sp_bwd(g_sp, q, k, qlab, klab, eta, self_offset, scale, ...) -> (dq, dk)``
     G_ij = −g_sp_i·scale·m_ij·σ(eta_i − scale·s_ij);  dq = G·k, dk = Gᵀ·q.
 
+Symmetric path (optional per backend; issue "half the work in 'all' mode")
+    ``sym_lse_fwd(z, lab, scale, w_pos, w_neg, k1, multilabel, pos_weight)``,
+    ``sym_lse_bwd(g_lse, g_psum, z, lab, lse, scale, w_pos, w_neg, k1, multilabel,
+    pos_weight) -> dz``, ``sym_sp_fwd(z, lab, eta, scale, multilabel, pos_weight)`` and
+    ``sym_sp_bwd(g_sp, z, lab, eta, scale, multilabel, pos_weight) -> dz`` are the same
+    functions with q = k = z, qlab = klab = lab, self_offset = 0 and dz = dq + dk. Because
+    s_ij = s_ji, a backend computes each unordered tile pair once (4·N²·D flops for
+    forward + backward instead of 8·N²·D). ``torch_stream.sym_*`` state them executably.
+
 Gradients reach q and k only (labels and weights get none; eta's producer is reached through
 autograd via r). Every output is O(N + M); nothing N×M exists in any backend. ``dq``/``dk``
 have the dtype of ``q``/``k``; statistics have the statistics dtype.
@@ -71,6 +80,23 @@ class Engine:
     name: str
     lse: Callable[..., tuple[Tensor, Tensor, Tensor]]
     sp: Callable[..., tuple[Tensor, Tensor]]
+    sym_lse: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None
+    sym_sp: Callable[..., tuple[Tensor, Tensor]] | None = None
+
+
+_SYMMETRIC = os.environ.get("FLASHCON_SYMMETRIC", "1") != "0"
+
+
+def set_symmetric(enabled: bool) -> None:
+    """Use (default) or bypass the backends' symmetric 'all'-mode path (for comparisons).
+
+    Also settable with the environment variable ``FLASHCON_SYMMETRIC=0`` at import."""
+    global _SYMMETRIC
+    _SYMMETRIC = bool(enabled)
+
+
+def symmetric_enabled() -> bool:
+    return _SYMMETRIC
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,6 +139,51 @@ def register_backend_autograd(lse_fwd_op, lse_bwd_op, sp_fwd_op, sp_bwd_op) -> N
         return dq, dk, None, None, g * r, None, None, None, None
 
     torch.library.register_autograd(sp_fwd_op, sp_backward, setup_context=sp_setup)
+
+
+def register_symmetric(sym_lse_fwd, sym_lse_bwd, sym_sp_fwd, sym_sp_bwd) -> None:
+    """Fake implementations and autograd of a backend's symmetric ops."""
+
+    @torch.library.register_fake(sym_lse_fwd)
+    def _(z, *args):
+        return _fake_stats(z, 3)
+
+    @torch.library.register_fake(sym_lse_bwd)
+    def _(g_lse, g_psum, z, *args):
+        return torch.empty_like(z)
+
+    @torch.library.register_fake(sym_sp_fwd)
+    def _(z, *args):
+        return _fake_stats(z, 2)
+
+    @torch.library.register_fake(sym_sp_bwd)
+    def _(g_sp, z, *args):
+        return torch.empty_like(z)
+
+    def lse_setup(ctx, inputs, output):
+        z, lab, scale, w_pos, w_neg, k1, multilabel, pos_weight = inputs
+        ctx.save_for_backward(z, lab, output[0], pos_weight)
+        ctx.args = (scale, w_pos, w_neg, k1, multilabel)
+
+    def lse_backward(ctx, g_lse, g_psum, g_pcnt):
+        z, lab, lse, pos_weight = ctx.saved_tensors
+        dz = sym_lse_bwd(_stat(g_lse, lse), _stat(g_psum, lse), z, lab, lse, *ctx.args, pos_weight)
+        return (dz,) + (None,) * 7
+
+    torch.library.register_autograd(sym_lse_fwd, lse_backward, setup_context=lse_setup)
+
+    def sp_setup(ctx, inputs, output):
+        z, lab, eta, scale, multilabel, pos_weight = inputs
+        ctx.save_for_backward(z, lab, eta, output[1], pos_weight)
+        ctx.args = (scale, multilabel)
+
+    def sp_backward(ctx, g_sp, g_r):
+        z, lab, eta, r, pos_weight = ctx.saved_tensors
+        g = _stat(g_sp, eta)
+        dz = sym_sp_bwd(g, z, lab, eta, *ctx.args, pos_weight)
+        return dz, None, g * r, None, None, None
+
+    torch.library.register_autograd(sym_sp_fwd, sp_backward, setup_context=sp_setup)
 
 
 def _fake_stats(q: Tensor, n_out: int) -> tuple[Tensor, ...]:
@@ -245,6 +316,7 @@ register_backend_autograd(*_TORCH_OPS)
 # Discovery runs once, eagerly, when flashcon is imported: a torch.compile trace must only
 # read its results (registering ops or importing modules inside a trace breaks the graph).
 _OPS: dict[str, tuple | None] = {"torch": None}
+_SYM_OPS: dict[str, tuple | None] = {}
 _WHY: dict[str, str] = {}
 _CPP_HAS_CUDA = False
 
@@ -262,6 +334,15 @@ def _discover_cpp() -> None:
     register_fakes(*fwd_bwd)
     register_backend_autograd(*fwd_bwd)
     _OPS["cpp"] = fwd_bwd
+    if hasattr(ops, "sym_lse_fwd"):
+        sym = (
+            ops.sym_lse_fwd.default,
+            ops.sym_lse_bwd.default,
+            ops.sym_sp_fwd.default,
+            ops.sym_sp_bwd.default,
+        )
+        register_symmetric(*sym)
+        _SYM_OPS["cpp"] = sym
     _CPP_HAS_CUDA = _ext.has_cuda_kernels()
 
 
@@ -278,6 +359,7 @@ def _discover_triton() -> None:
         _WHY["triton"] = f"flashcon.triton_kernels could not be imported: {e}"
         return
     _OPS["triton"] = tops.OPS
+    _SYM_OPS["triton"] = getattr(tops, "SYM_OPS", None)
 
 
 def triton_available() -> tuple[bool, str]:
@@ -345,17 +427,20 @@ def _interpreting() -> bool:
 
 def get_engine(backend: str) -> Engine:
     """The differentiable engine callables of a concrete backend name."""
-    if backend == "torch":
-        ops = _TORCH_OPS
-    elif backend in ("cpu", "cuda"):
-        ops = _OPS.get("cpp")
-    elif backend == "triton":
-        ops = _OPS.get("triton")
-    else:
+    key = {"torch": "torch", "cpu": "cpp", "cuda": "cpp", "triton": "triton"}.get(backend)
+    if key is None:
         raise ValueError(f"no streaming engine for backend {backend!r}")
+    ops = _OPS.get(key)
     if ops is None:
         raise BackendUnavailableError(f"backend {backend!r} is unavailable")
-    return Engine(name=backend, lse=ops[0], sp=ops[2])
+    sym = _SYM_OPS.get(key)
+    return Engine(
+        name=backend,
+        lse=ops[0],
+        sp=ops[2],
+        sym_lse=sym[0] if sym else None,
+        sym_sp=sym[2] if sym else None,
+    )
 
 
 _OPS["torch"] = _TORCH_OPS

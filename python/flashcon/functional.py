@@ -23,7 +23,7 @@ from torch import Tensor
 from . import _validate as V
 from . import distributed as D
 from . import reference as R
-from .engine import Engine, get_engine, resolve_backend
+from .engine import Engine, get_engine, resolve_backend, symmetric_enabled
 from .queue import MemoryQueue
 from .specs import LOSS_SPECS
 
@@ -82,7 +82,13 @@ def _lse(
     multilabel: bool = False,
     pos_weight: Tensor | None = None,
 ):
+    """One streamed log-sum-exp of the spec table; 'all' mode (the anchors are the columns)
+    takes the backend's symmetric path when it has one."""
     w_pos, w_neg, k1 = LOSS_SPECS[spec].streams[idx].weights(options or {})
+    if _is_square(eng.sym_lse, q, k, qlab, klab, self_offset):
+        return eng.sym_lse(
+            q.contiguous(), qlab.contiguous(), 1.0 / t, w_pos, w_neg, k1, multilabel, pos_weight
+        )
     return eng.lse(
         q.contiguous(),
         k.contiguous(),
@@ -96,6 +102,28 @@ def _lse(
         multilabel,
         pos_weight,
     )
+
+
+def _sp(eng: Engine, q, k, qlab, klab, eta, self_offset, t, multilabel: bool = False):
+    """SINCERE's second pass (symmetric path in 'all' mode when the backend has one)."""
+    if _is_square(eng.sym_sp, q, k, qlab, klab, self_offset):
+        return eng.sym_sp(q.contiguous(), qlab.contiguous(), eta, 1.0 / t, multilabel, None)
+    return eng.sp(
+        q.contiguous(), k.contiguous(), qlab, klab, eta, self_offset, 1.0 / t, multilabel, None
+    )
+
+
+def _is_square(sym_op, q, k, qlab, klab, self_offset) -> bool:
+    return (
+        sym_op is not None and symmetric_enabled() and q is k and qlab is klab and self_offset == 0
+    )
+
+
+def _anchors(z: Tensor, y: Tensor, na: int) -> tuple[Tensor, Tensor]:
+    """The first ``na`` rows as anchors; the very same tensors when they are all the rows."""
+    if na == z.shape[0]:
+        return z, y
+    return z[:na], y[:na]
 
 
 @dataclasses.dataclass
@@ -249,7 +277,7 @@ def supcon_loss(
         queue = _negatives_only(queue)
     c = _contrast(z, y, gather=gather_distributed, group=group, queue=queue, multilabel=ml)
     na = b if contrast_mode == "one" else z.shape[0]
-    q, qlab = z[:na], y[:na]
+    q, qlab = _anchors(z, y, na)
     spec = f"supcon_{variant}"
     lse, psum, pcnt = _lse(eng, spec, 0, q, c.cols, qlab, c.labels, c.offset, t, multilabel=ml)
     if variant == "out":
@@ -275,10 +303,10 @@ def _supcon_masked(eng, z, b, mask, t, tb, contrast_mode, variant, gather, queue
         )
     w = V.check_mask(mask, b, z).to(_acc(z)).contiguous()
     na = b if contrast_mode == "one" else z.shape[0]
-    q = z[:na]
     zeros = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
-    lse, _, _ = _lse(eng, "supcon_mask", 0, q, z, zeros[:na], zeros, 0, t)
-    lse_p, psum, pcnt = _lse(eng, "supcon_mask", 1, q, z, zeros[:na], zeros, 0, t, pos_weight=w)
+    q, qlab = _anchors(z, zeros, na)
+    lse, _, _ = _lse(eng, "supcon_mask", 0, q, z, qlab, zeros, 0, t)
+    lse_p, psum, pcnt = _lse(eng, "supcon_mask", 1, q, z, qlab, zeros, 0, t, pos_weight=w)
     if variant == "out":
         rows = _out_rows(lse, psum, pcnt, t)
     else:
@@ -362,9 +390,7 @@ def sincere_loss(
     y = y.repeat(v)
     c = _contrast(z, y, gather=gather_distributed, group=group, queue=queue, multilabel=ml)
     eta, _, pcnt = _lse(eng, "sincere", 0, z, c.cols, y, c.labels, c.offset, t, multilabel=ml)
-    sp, _ = eng.sp(
-        z.contiguous(), c.cols.contiguous(), y, c.labels, eta, c.offset, 1.0 / t, ml, None
-    )
+    sp, _ = _sp(eng, z, c.cols, y, c.labels, eta, c.offset, t, ml)
     rows = sp / pcnt.clamp_min(1)
     return _reduce(rows.sum(), c.n_batch, c.world).to(_acc(z))
 
@@ -403,7 +429,9 @@ def genscl_loss(
     # Every other column is in the softmax: one label for all, positives weighted like negatives.
     dummy = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
     c = _contrast(z, dummy, gather=gather_distributed, group=group, queue=queue, soft=y_hat)
-    col_dummy = torch.zeros(c.cols.shape[0], dtype=torch.long, device=z.device)
+    col_dummy = dummy
+    if c.cols is not z:
+        col_dummy = torch.zeros(c.cols.shape[0], dtype=torch.long, device=z.device)
     lse, _, _ = _lse(eng, "genscl", 0, z, c.cols, dummy, col_dummy, c.offset, t)
     # Closed forms (LOSSES.md §3.2) over the columns C (self included, then subtracted):
     # M_i = ŷ_i·Σ_{j∈C} ŷ_j − ŷ_i·ŷ_i,  A_i = ((ŷ_i Ŷ_Cᵀ Z_C)·z_i − (ŷ_i·ŷ_i)‖z_i‖²)/τ.

@@ -193,3 +193,29 @@ def sp_bwd(
         dq[r0:r1] = g @ kf
         dk += g.T @ qc
     return dq.to(q.dtype), dk.to(k.dtype)
+
+
+# The symmetric path's contract ('all' mode: q = k = z, self_offset = 0, dz = dq + dk). These
+# state it executably for the tests of the backends that implement it with tile pairs.
+
+
+def sym_lse_fwd(z, lab, scale, w_pos, w_neg, k1, multilabel=False, pos_weight=None):
+    return lse_fwd(z, z, lab, lab, 0, scale, w_pos, w_neg, k1, multilabel, pos_weight)
+
+
+def sym_lse_bwd(
+    g_lse, g_psum, z, lab, lse, scale, w_pos, w_neg, k1, multilabel=False, pos_weight=None
+):
+    dq, dk = lse_bwd(
+        g_lse, g_psum, z, z, lab, lab, lse, 0, scale, w_pos, w_neg, k1, multilabel, pos_weight
+    )
+    return dq + dk
+
+
+def sym_sp_fwd(z, lab, eta, scale, multilabel=False, pos_weight=None):
+    return sp_fwd(z, z, lab, lab, eta, 0, scale, multilabel, pos_weight)
+
+
+def sym_sp_bwd(g_sp, z, lab, eta, scale, multilabel=False, pos_weight=None):
+    dq, dk = sp_bwd(g_sp, z, z, lab, lab, eta, 0, scale, multilabel, pos_weight)
+    return dq + dk

@@ -207,11 +207,14 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="one (heaviest) flag set per kernel")
     p.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--kernel", choices=KERNELS, action="append", help="restrict (repeatable)")
+    p.add_argument("--dtype", choices=DTYPES, action="append", help="restrict (repeatable)")
     args = p.parse_args(argv)
     archs = tuple(args.arch or (80, 90))
     todo = specs(archs, args.quick)
     if args.kernel:
         todo = [s for s in todo if s.kernel in args.kernel]
+    if args.dtype:
+        todo = [s for s in todo if s.dtype in args.dtype]
     print(f"compiling {len(todo)} specialisations for sm_{', sm_'.join(map(str, archs))} "
           f"with {args.jobs} jobs", flush=True)  # fmt: skip
     rows = []
