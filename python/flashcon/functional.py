@@ -42,17 +42,31 @@ _F = TypeVar("_F", bound=Callable[..., Tensor])
 
 
 def _no_autocast(fn: _F) -> _F:
-    """Run a loss with autocast off: its statistics stay fp32 (fp64 for fp64 input) and the
-    closed-form matmuls are not downcast; the loss comes back in fp32 and gradients in the
-    input dtype."""
+    """Wrap a public loss.
+
+    - Autocast is turned off inside: statistics stay fp32 (fp64 for fp64 input) and the
+      closed-form matmuls are not downcast; the loss comes back in fp32 and gradients in the
+      input dtype.
+    - NaN or ±Inf anywhere in the floating inputs gives a NaN loss (never a finite number,
+      whichever terms the non-finite entries happen to reach), without a host sync.
+    """
 
     @functools.wraps(fn)
     def wrapper(features, *args, **kwargs):
         dev = features.device.type if isinstance(features, Tensor) else "cpu"
         if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
             with torch.autocast(dev, enabled=False):
-                return fn(features, *args, **kwargs)
-        return fn(features, *args, **kwargs)
+                out = fn(features, *args, **kwargs)
+        else:
+            out = fn(features, *args, **kwargs)
+        finite = None
+        for x in (features, *args, *kwargs.values()):
+            if isinstance(x, Tensor) and x.is_floating_point():
+                ok = torch.isfinite(x).all()
+                finite = ok if finite is None else finite & ok
+        if finite is not None:
+            out = torch.where(finite, out, torch.full_like(out, float("nan")))
+        return out
 
     return wrapper  # type: ignore[return-value]
 

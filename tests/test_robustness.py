@@ -1,0 +1,184 @@
+"""Robustness: awkward layouts, non-finite input, numerics, property tests, determinism, leaks."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import flashcon
+from flashcon.engine import cpp_available, triton_available
+from flashcon.testing import LOSSES, assert_close, loss_fn, make_inputs, value_and_grads
+
+BACKENDS = ["torch"] + (["cpu"] if cpp_available("cpu")[0] else [])
+ALL_BACKENDS = BACKENDS + (["triton"] if triton_available()[0] else [])
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("layout", ["transposed", "strided", "channels_last_like"])
+def test_non_contiguous_inputs_just_work(backend, layout):
+    x = make_inputs("supcon", 6, 2, 8, dtype=torch.float32)
+    f = x["features"]
+    if layout == "transposed":
+        g = f.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
+    elif layout == "strided":
+        g = torch.zeros(6, 2, 16)[:, :, ::2]
+        g.copy_(f)
+    else:
+        g = f.unsqueeze(-1).contiguous(memory_format=torch.contiguous_format).squeeze(-1)
+        g = g.permute(1, 0, 2).contiguous().permute(1, 0, 2)
+    assert not g.is_contiguous() or layout == "channels_last_like"
+    a = flashcon.supcon_loss(g, x["labels"], backend=backend)
+    b = flashcon.supcon_loss(f.contiguous(), x["labels"], backend=backend)
+    assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_features_give_nan(backend, loss, bad):
+    x = make_inputs(loss, 5, 2, 4, dtype=torch.float32)
+    x["features"][2, 1, 3] = bad
+    out = loss_fn(loss, backend)(**x)
+    assert torch.isnan(out), out
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_non_finite_prototypes_give_nan(backend):
+    x = make_inputs("esupcon", 5, 2, 4, dtype=torch.float32)
+    x["prototypes"][1, 0] = float("nan")
+    assert torch.isnan(loss_fn("esupcon", backend)(**x))
+
+
+def _rounded_ref(loss, x, opts):
+    x64 = {k: (t.double() if t.is_floating_point() else t) for k, t in x.items()}
+    return value_and_grads(loss_fn(loss, None, **opts), x64)
+
+
+NUMERIC_CASES = [
+    ("tau0.05", {"temperature": 0.05}, 1.0),
+    ("tau0.01", {"temperature": 0.01}, 1.0),
+    ("norm100", {"temperature": 0.1}, 100.0),
+]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case, opts, norm", NUMERIC_CASES, ids=[c[0] for c in NUMERIC_CASES])
+@pytest.mark.parametrize("loss", ["supcon", "sincere", "tcl", "genscl", "esupcon"])
+def test_low_precision_extremes(backend, dtype, case, opts, norm, loss):
+    """Finite, and equal to the float64 reference on the same rounded inputs (fp32 statistics)."""
+    if loss == "tcl":
+        opts = {**opts, "k1": 10.0}
+    x = make_inputs(loss, 12, 2, 16, dtype=dtype, norm=norm, seed=3)
+    ref_val, ref_g = _rounded_ref(loss, x, opts)
+    val, g = value_and_grads(loss_fn(loss, backend, **opts), x)
+    assert torch.isfinite(val)
+    assert_close(val, ref_val, atol=1e-3, rtol=2e-3, name="loss")
+    for key in ref_g:
+        assert torch.isfinite(g[key]).all()
+        scale = ref_g[key].abs().max().item() + 1e-30
+        # Gradients come back in the input dtype: allow a few units of its rounding.
+        step = {torch.float16: 2**-10, torch.bfloat16: 2**-7}[dtype]
+        assert_close(g[key], ref_g[key], atol=8 * step * scale, rtol=4 * step, name=f"d{key}")
+
+
+EDGE = {
+    "single_anchor": dict(b=1, v=0),
+    "one_column_pair": dict(b=1, v=2),
+    "no_positives": dict(b=6, v=0, n_classes=100),
+    "all_equal": dict(b=7, v=2, n_classes=1),
+}
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("edge", list(EDGE))
+@pytest.mark.parametrize("loss", LOSSES)
+def test_edge_batches(backend, edge, loss):
+    p = dict(EDGE[edge])
+    if loss == "ntxent" and p["v"] == 0:
+        pytest.skip("NT-Xent needs [B, V, D] features")
+    n_classes = p.pop("n_classes", 3)
+    if edge == "no_positives":
+        torch.manual_seed(0)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    x = make_inputs(loss, p["b"], p["v"], 5, n_classes=max(n_classes, 1), dtype=dtype)
+    if edge == "no_positives" and "labels" in x:
+        x["labels"] = torch.arange(p["b"])
+        if loss == "esupcon":
+            x["prototypes"] = torch.randn(p["b"], 5, dtype=dtype)
+    ref_val, ref_g = _rounded_ref(loss, x, {})
+    val, g = value_and_grads(loss_fn(loss, backend), x)
+    assert torch.isfinite(val)
+    tol = 1e-9 if dtype == torch.float64 else 1e-5
+    assert_close(val, ref_val, atol=tol, rtol=tol)
+    for key in ref_g:
+        assert_close(g[key], ref_g[key], atol=tol, rtol=tol * 10, name=f"d{key}")
+
+
+@settings(
+    max_examples=int(os.environ.get("FLASHCON_HYPOTHESIS_EXAMPLES", 60)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(
+    loss=st.sampled_from(LOSSES),
+    backend=st.sampled_from(BACKENDS),
+    b=st.integers(1, 10),
+    v=st.integers(0, 3),
+    d=st.integers(1, 9),
+    n_classes=st.integers(1, 5),
+    temperature=st.floats(0.05, 1.0),
+    norm=st.sampled_from([None, 1.0, 3.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_backends_agree_with_reference(
+    loss, backend, b, v, d, n_classes, temperature, norm, seed
+):
+    if loss == "ntxent" and v == 0:
+        v = 2
+    x = make_inputs(loss, b, v, d, n_classes=n_classes, norm=norm, seed=seed)
+    opts = {"temperature": temperature}
+    ref_val, ref_g = value_and_grads(loss_fn(loss, None, **opts), x)
+    val, g = value_and_grads(loss_fn(loss, backend, **opts), x)
+    assert_close(val, ref_val, atol=1e-9, rtol=1e-9, name="loss")
+    for key in ref_g:
+        assert_close(g[key], ref_g[key], atol=1e-9, rtol=1e-8, name=f"d{key}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_bitwise_deterministic_on_cpu(backend, loss):
+    x = make_inputs(loss, 40, 2, 24, dtype=torch.float32)
+    runs = [value_and_grads(loss_fn(loss, backend), x) for _ in range(3)]
+    for val, g in runs[1:]:
+        assert torch.equal(val, runs[0][0])
+        for key in g:
+            assert torch.equal(g[key], runs[0][1][key])
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_leak_over_a_thousand_steps(backend):
+    x = make_inputs("supcon", 32, 2, 16, dtype=torch.float32)
+    f = x["features"].clone().requires_grad_(True)
+
+    def step():
+        f.grad = None
+        flashcon.supcon_loss(f, x["labels"], backend=backend).backward()
+
+    for _ in range(100):
+        step()
+    before = _rss_mb()
+    for _ in range(1000):
+        step()
+    grown = _rss_mb() - before
+    assert grown < 16, f"resident memory grew by {grown:.1f} MB over 1000 steps"
