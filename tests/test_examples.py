@@ -41,3 +41,18 @@ def test_fused_curves_track_reference(loss, backend, data):
     assert len(got) == len(ref)
     for step, (a, b) in enumerate(zip(got[:5], ref[:5])):
         assert abs(a - b) <= 1e-4 * abs(b) + 1e-5, (step, a, b)
+
+
+def test_ddp_example_matches_single_process():
+    import subprocess
+    import sys
+
+    script = _PATH.parent / "ddp_supcon.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--world-size", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "max |DDP gradient" in out.stdout
