@@ -180,9 +180,7 @@ def make_loss_fn(provider: str, loss: str) -> Callable:
 
         if loss == "ntxent":
             t = kwargs["temperature"]
-            return lambda feats: chunked_supcon_loss(
-                feats, None, temperature=t, base_temperature=t
-            )
+            return lambda feats: chunked_supcon_loss(feats, None, temperature=t, base_temperature=t)
         return functools.partial(chunked_supcon_loss, **kwargs)
     if provider == "pml":
         return _pml_loss(kwargs["temperature"])
