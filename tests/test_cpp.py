@@ -129,15 +129,35 @@ def test_low_precision_within_twice_torch_error(loss, dtype):
 
 OP_SHAPES = [(1, 1, 1), (5, 3, 4), (37, 130, 7), (130, 600, 33), (600, 130, 96)]
 WEIGHTS = [(1.0, 1.0, 0.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (1.0, 2.0, 50.0)]
+# How positives are defined (contract v2): class labels, int64 bitmasks, a [Bq, Bk] matrix.
+POS_MODES = ["labels", "multilabel", "pos_weight"]
 
 
-def _op_inputs(n, m, d, dtype, seed=0, n_classes=4):
+def _op_inputs(n, m, d, dtype, seed=0, n_classes=4, norm=2.0):
     g = torch.Generator().manual_seed(seed)
-    q = (2 * torch.randn(n, d, generator=g, dtype=torch.float64)).to(dtype)
-    k = (2 * torch.randn(m, d, generator=g, dtype=torch.float64)).to(dtype)
+    q = (norm * torch.randn(n, d, generator=g, dtype=torch.float64)).to(dtype)
+    k = (norm * torch.randn(m, d, generator=g, dtype=torch.float64)).to(dtype)
     qlab = torch.randint(0, n_classes, (n,), generator=g)
     klab = torch.randint(0, n_classes, (m,), generator=g)
     return q, k, qlab, klab
+
+
+def _positives(mode, n, m, dtype, seed=0):
+    """(qlab, klab, multilabel, pos_weight) of a positive-weight mode."""
+    g = torch.Generator().manual_seed(seed + 100)
+    if mode == "multilabel":
+        # Bitmasks over 6 labels; some rows share none with anyone (label 0).
+        qlab = torch.randint(0, 64, (n,), generator=g)
+        klab = torch.randint(0, 64, (m,), generator=g)
+        return qlab, klab, True, None
+    qlab = torch.randint(0, 4, (n,), generator=g)
+    klab = torch.randint(0, 4, (m,), generator=g)
+    if mode == "labels":
+        return qlab, klab, False, None
+    # An asymmetric [5, 4] matrix with zeros (negatives) and weights in (0, 2).
+    w = 2 * torch.rand(5, 4, generator=g, dtype=torch.float64)
+    w = torch.where(torch.rand(5, 4, generator=g) < 0.4, torch.zeros_like(w), w)
+    return qlab, klab, False, w.to(torch_stream.stat_dtype(dtype))
 
 
 def _stat(n, dtype, seed):
@@ -145,13 +165,15 @@ def _stat(n, dtype, seed):
     return torch.randn(n, generator=g, dtype=torch_stream.stat_dtype(dtype))
 
 
+@pytest.mark.parametrize("mode", POS_MODES)
 @pytest.mark.parametrize("self_offset", [-1, 0, 2], ids=["noself", "off0", "off2"])
 @pytest.mark.parametrize("weights", WEIGHTS, ids=["all", "pos", "neg", "tcl"])
 @pytest.mark.parametrize("shape", OP_SHAPES, ids=lambda s: "N{}M{}D{}".format(*s))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-def test_lse_ops_match_torch_stream(dtype, shape, weights, self_offset):
-    q, k, qlab, klab = _op_inputs(*shape, dtype)
-    args = (self_offset, 0.7, *weights)
+def test_lse_ops_match_torch_stream(dtype, shape, weights, self_offset, mode):
+    q, k, _, _ = _op_inputs(*shape, dtype)
+    qlab, klab, ml, pw = _positives(mode, shape[0], shape[1], dtype)
+    args = (self_offset, 0.7, *weights, ml, pw)
     atol, rtol = (1e-11, 1e-10) if dtype == torch.float64 else (1e-4, 1e-4)
     got = OPS.lse_fwd(q, k, qlab, klab, *args)
     want = torch_stream.lse_fwd(q, k, qlab, klab, *args)
@@ -166,22 +188,24 @@ def test_lse_ops_match_torch_stream(dtype, shape, weights, self_offset):
         assert_close(a, e, atol=10 * atol, rtol=10 * rtol, name=name)
 
 
+@pytest.mark.parametrize("mode", POS_MODES)
 @pytest.mark.parametrize("self_offset", [-1, 0, 2], ids=["noself", "off0", "off2"])
 @pytest.mark.parametrize("shape", OP_SHAPES, ids=lambda s: "N{}M{}D{}".format(*s))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-def test_sp_ops_match_torch_stream(dtype, shape, self_offset):
-    q, k, qlab, klab = _op_inputs(*shape, dtype)
-    eta = torch_stream.lse_fwd(q, k, qlab, klab, self_offset, 0.7, 0.0, 1.0, 0.0)[0]
+def test_sp_ops_match_torch_stream(dtype, shape, self_offset, mode):
+    q, k, _, _ = _op_inputs(*shape, dtype)
+    qlab, klab, ml, pw = _positives(mode, shape[0], shape[1], dtype)
+    eta = torch_stream.lse_fwd(q, k, qlab, klab, self_offset, 0.7, 0.0, 1.0, 0.0, ml, pw)[0]
     atol, rtol = (1e-8, 1e-10) if dtype == torch.float64 else (2e-3, 1e-4)
-    got = OPS.sp_fwd(q, k, qlab, klab, eta, self_offset, 0.7)
-    want = torch_stream.sp_fwd(q, k, qlab, klab, eta, self_offset, 0.7)
+    got = OPS.sp_fwd(q, k, qlab, klab, eta, self_offset, 0.7, ml, pw)
+    want = torch_stream.sp_fwd(q, k, qlab, klab, eta, self_offset, 0.7, ml, pw)
     # torch's softplus returns x itself above x = 20 (an error up to log1p(e^-20) = 2e-9 per
     # term); the kernel's softplus is exact, so sp is compared within that slack.
     for name, a, e in zip(("sp", "r"), got, want):
         assert_close(a, e, atol=atol, rtol=rtol, name=name)
     g_sp = _stat(shape[0], dtype, 3)
-    got = OPS.sp_bwd(g_sp, q, k, qlab, klab, eta, self_offset, 0.7)
-    exp = torch_stream.sp_bwd(g_sp, q, k, qlab, klab, eta, self_offset, 0.7)
+    got = OPS.sp_bwd(g_sp, q, k, qlab, klab, eta, self_offset, 0.7, ml, pw)
+    exp = torch_stream.sp_bwd(g_sp, q, k, qlab, klab, eta, self_offset, 0.7, ml, pw)
     tol = (1e-10, 1e-9) if dtype == torch.float64 else (1e-4, 1e-4)
     for name, a, e in zip(("dq", "dk"), got, exp):
         assert_close(a, e, atol=tol[0], rtol=tol[1], name=name)
@@ -191,59 +215,250 @@ def test_empty_rows_have_no_terms():
     """A row with no weighted term gives lse = -inf and zero gradient (no NaN)."""
     q, k, qlab, klab = _op_inputs(6, 9, 5, torch.float64)
     klab = torch.full_like(klab, 7)  # no positives anywhere
-    lse, psum, pcnt = OPS.lse_fwd(q, k, qlab, klab, -1, 1.0, 1.0, 0.0, 0.0)
+    lse, psum, pcnt = OPS.lse_fwd(q, k, qlab, klab, -1, 1.0, 1.0, 0.0, 0.0, False, None)
     assert torch.isneginf(lse).all() and (psum == 0).all() and (pcnt == 0).all()
     g = torch.ones(6, dtype=torch.float64)
-    dq, dk = OPS.lse_bwd(g, g, q, k, qlab, klab, lse, -1, 1.0, 1.0, 0.0, 0.0)
+    dq, dk = OPS.lse_bwd(g, g, q, k, qlab, klab, lse, -1, 1.0, 1.0, 0.0, 0.0, False, None)
     assert (dq == 0).all() and (dk == 0).all()
+
+
+def test_pos_weight_is_read_per_tile_not_by_label():
+    """With pos_weight the labels are ignored: m_ij = pos_weight[i % Bq, j % Bk]."""
+    q, k, qlab, klab = _op_inputs(12, 8, 3, torch.float64)
+    w = torch.rand(3, 4, dtype=torch.float64)
+    a = OPS.lse_fwd(q, k, qlab, klab, -1, 1.0, 1.0, 1.0, 0.0, False, w)
+    b = OPS.lse_fwd(q, k, qlab.flip(0), klab + 5, -1, 1.0, 1.0, 1.0, 0.0, True, w)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    dense = w.repeat(4, 2)  # [12, 8]
+    assert_close(a[2], dense.sum(1), atol=1e-12, rtol=1e-12, name="pcnt")
+    assert_close(a[1], (dense * (q @ k.T)).sum(1), atol=1e-12, rtol=1e-12, name="psum")
+
+
+# ---- symmetric path ----------------------------------------------------------------------------
+
+# N of 1, 2, 3, 37, 130 and 300 / 600 (2 and 3 blocks of 256: even and odd round-robin
+# schedules); D of 1, 7, 130.
+SYM_SHAPES = [(1, 7), (2, 1), (3, 7), (37, 130), (130, 7), (300, 1), (600, 33)]
+SYM_TOL = {torch.float64: (1e-10, 1e-9), torch.float32: (2e-4, 2e-4)}
+
+
+def _sym_inputs(n, d, dtype, mode, norm, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, d, generator=g, dtype=torch.float64)
+    if norm is not None:
+        z = norm * torch.nn.functional.normalize(z, dim=1)
+    lab, _, ml, pw = _positives(mode, n, n, dtype, seed)
+    return z.to(dtype), lab, ml, pw
+
+
+def _check_sym_lse(z, lab, scale, weights, ml, pw, tol):
+    atol, rtol = tol
+    args = (scale, *weights, ml, pw)
+    got = OPS.sym_lse_fwd(z, lab, *args)
+    want = torch_stream.sym_lse_fwd(z, lab, *args)
+    general = OPS.lse_fwd(z, z, lab, lab, 0, *args)
+    for name, a, e, c in zip(("lse", "psum", "pcnt"), got, want, general):
+        assert a.dtype == e.dtype
+        assert_close(a, e, atol=atol, rtol=rtol, name=name)
+        assert_close(a, c, atol=atol, rtol=rtol, name=f"{name} vs general op")
+    n = z.shape[0]
+    g_lse, g_psum = _stat(n, z.dtype, 1), _stat(n, z.dtype, 2)
+    dz = OPS.sym_lse_bwd(g_lse, g_psum, z, lab, want[0], *args)
+    exp = torch_stream.sym_lse_bwd(g_lse, g_psum, z, lab, want[0], *args)
+    dq, dk = OPS.lse_bwd(g_lse, g_psum, z, z, lab, lab, want[0], 0, *args)
+    assert dz.dtype == z.dtype and dz.shape == z.shape
+    assert_close(dz, exp, atol=10 * atol, rtol=10 * rtol, name="dz")
+    assert_close(dz, dq + dk, atol=10 * atol, rtol=10 * rtol, name="dz vs general dq + dk")
+
+
+@pytest.mark.parametrize("mode", POS_MODES)
+@pytest.mark.parametrize("weights", WEIGHTS, ids=["all", "pos", "neg", "tcl"])
+@pytest.mark.parametrize("shape", SYM_SHAPES, ids=lambda s: "N{}D{}".format(*s))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_sym_lse_matches_torch_stream_and_general(dtype, shape, weights, mode):
+    """Unit-norm features at τ = 0.1: the static-shift path."""
+    z, lab, ml, pw = _sym_inputs(*shape, dtype, mode, norm=1.0)
+    _check_sym_lse(z, lab, 10.0, weights, ml, pw, SYM_TOL[dtype])
+
+
+@pytest.mark.parametrize(
+    "case", ["static-near-limit", "tiny-temperature", "large-norms", "fp64-huge"]
+)
+@pytest.mark.parametrize("mode", POS_MODES)
+@pytest.mark.parametrize("weights", WEIGHTS, ids=["all", "pos", "neg", "tcl"])
+def test_sym_lse_shift_paths(weights, mode, case):
+    """Near the static shift's limit (fp32, 2·scale·max‖z‖² = 76 <= 80) and past it (fp32:
+    > 80; fp64: > 700), where the op takes the general per-row online-max path."""
+    dtype = torch.float64 if case == "fp64-huge" else torch.float32
+    norm, scale = {
+        "static-near-limit": (1.0, 38.0),
+        "tiny-temperature": (1.0, 100.0),
+        "large-norms": (4.0, 5.0),
+        "fp64-huge": (10.0, 10.0),
+    }[case]
+    z, lab, ml, pw = _sym_inputs(300, 7, dtype, mode, norm=norm)
+    tol = (1e-9, 1e-9) if dtype == torch.float64 else (1e-3, 1e-4)
+    _check_sym_lse(z, lab, scale, weights, ml, pw, tol)
+
+
+@pytest.mark.parametrize("mode", POS_MODES)
+@pytest.mark.parametrize("shape", SYM_SHAPES, ids=lambda s: "N{}D{}".format(*s))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_sym_sp_matches_torch_stream_and_general(dtype, shape, mode):
+    z, lab, ml, pw = _sym_inputs(*shape, dtype, mode, norm=2.0)
+    eta = torch_stream.sym_lse_fwd(z, lab, 0.7, 0.0, 1.0, 0.0, ml, pw)[0]
+    atol, rtol = (1e-8, 1e-10) if dtype == torch.float64 else (2e-3, 1e-4)
+    got = OPS.sym_sp_fwd(z, lab, eta, 0.7, ml, pw)
+    want = torch_stream.sym_sp_fwd(z, lab, eta, 0.7, ml, pw)
+    general = OPS.sp_fwd(z, z, lab, lab, eta, 0, 0.7, ml, pw)
+    for name, a, e, c in zip(("sp", "r"), got, want, general):
+        assert_close(a, e, atol=atol, rtol=rtol, name=name)
+        assert_close(a, c, atol=atol, rtol=rtol, name=f"{name} vs general op")
+    g_sp = _stat(shape[0], dtype, 3)
+    dz = OPS.sym_sp_bwd(g_sp, z, lab, eta, 0.7, ml, pw)
+    exp = torch_stream.sym_sp_bwd(g_sp, z, lab, eta, 0.7, ml, pw)
+    dq, dk = OPS.sp_bwd(g_sp, z, z, lab, lab, eta, 0, 0.7, ml, pw)
+    tol = (1e-10, 1e-9) if dtype == torch.float64 else (1e-4, 1e-4)
+    assert_close(dz, exp, atol=tol[0], rtol=tol[1], name="dz")
+    assert_close(dz, dq + dk, atol=tol[0], rtol=tol[1], name="dz vs general dq + dk")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_sym_low_precision_inputs(dtype):
+    """Half inputs are converted once; statistics float32, dz in the input dtype."""
+    z, lab, ml, pw = _sym_inputs(130, 16, dtype, "labels", norm=1.0)
+    lse, psum, pcnt = OPS.sym_lse_fwd(z, lab, 10.0, 1.0, 1.0, 0.0, ml, pw)
+    want = torch_stream.sym_lse_fwd(z.float(), lab, 10.0, 1.0, 1.0, 0.0, ml, pw)
+    assert lse.dtype == torch.float32
+    assert_close(lse, want[0], atol=1e-4, rtol=1e-5, name="lse")
+    g = torch.ones(130)
+    dz = OPS.sym_lse_bwd(g, g, z, lab, lse, 10.0, 1.0, 1.0, 0.0, ml, pw)
+    assert dz.dtype == dtype
+
+
+def test_sym_empty_rows_have_no_terms():
+    z, lab, _, _ = _sym_inputs(40, 5, torch.float64, "labels", norm=1.0)
+    lab = torch.arange(40)  # singletons: no positive anywhere
+    lse, psum, pcnt = OPS.sym_lse_fwd(z, lab, 10.0, 1.0, 0.0, 0.0, False, None)
+    assert torch.isneginf(lse).all() and (psum == 0).all() and (pcnt == 0).all()
+    g = torch.ones(40, dtype=torch.float64)
+    dz = OPS.sym_lse_bwd(g, g, z, lab, lse, 10.0, 1.0, 0.0, 0.0, False, None)
+    assert (dz == 0).all()
+
+
+@pytest.mark.parametrize("mode", POS_MODES)
+def test_sym_used_by_the_api_and_bypassed_by_set_symmetric(mode):
+    """'all'-mode SupCon through the public API, with and without the symmetric ops."""
+    import flashcon
+    from flashcon import engine
+
+    x = make_inputs("supcon", 150, 2, 9, n_classes=5)
+    f = x["features"]
+    kwargs = {"labels": x["labels"]}
+    if mode == "multilabel":
+        g = torch.Generator().manual_seed(3)
+        kwargs = {"labels": torch.rand(150, 4, generator=g) < 0.4}
+    elif mode == "pos_weight":
+        g = torch.Generator().manual_seed(3)
+        kwargs = {"mask": torch.rand(150, 150, generator=g, dtype=torch.float64)}
+    ref = flashcon.supcon_loss(f, backend="reference", **kwargs)
+    out = {}
+    try:
+        for sym in (True, False):
+            engine.set_symmetric(sym)
+            fx = f.clone().requires_grad_(True)
+            val = flashcon.supcon_loss(fx, backend="cpu", **kwargs)
+            val.backward()
+            out[sym] = (val.detach(), fx.grad)
+    finally:
+        engine.set_symmetric(True)
+    fr = f.clone().requires_grad_(True)
+    flashcon.supcon_loss(fr, backend="reference", **kwargs).backward()
+    for sym, (val, grad) in out.items():
+        assert_close(val, ref.detach(), atol=1e-10, rtol=1e-10, name=f"loss sym={sym}")
+        assert_close(grad, fr.grad, atol=1e-10, rtol=1e-9, name=f"dfeatures sym={sym}")
 
 
 # ---- autograd, opcheck, determinism, errors ---------------------------------------------------
 
 
+@pytest.mark.parametrize("mode", POS_MODES)
 @pytest.mark.parametrize("self_offset", [-1, 0, 1])
 @pytest.mark.parametrize("op", ["lse", "sp"])
-def test_gradcheck_float64(op, self_offset):
-    q, k, qlab, klab = _op_inputs(7, 9, 3, torch.float64, n_classes=2)
+def test_gradcheck_float64(op, self_offset, mode):
+    q, k, _, _ = _op_inputs(7, 9, 3, torch.float64)
+    qlab, klab, ml, pw = _positives(mode, 7, 9, torch.float64)
     q.requires_grad_(True)
     k.requires_grad_(True)
     if op == "lse":
 
         def f(q, k):
-            lse, psum, _ = OPS.lse_fwd(q, k, qlab, klab, self_offset, 0.8, 1.0, 0.5, 2.0)
+            lse, psum, _ = OPS.lse_fwd(q, k, qlab, klab, self_offset, 0.8, 1.0, 0.5, 2.0, ml, pw)
             return lse, psum
 
     else:
         eta = torch_stream.lse_fwd(
-            q.detach(), k.detach(), qlab, klab, self_offset, 0.8, 0.0, 1.0, 0.0
+            q.detach(), k.detach(), qlab, klab, self_offset, 0.8, 0.0, 1.0, 0.0, ml, pw
         )[0]
         eta = torch.where(torch.isfinite(eta), eta, torch.zeros_like(eta))
 
         def f(q, k):
-            return OPS.sp_fwd(q, k, qlab, klab, eta, self_offset, 0.8)[0]
+            return OPS.sp_fwd(q, k, qlab, klab, eta, self_offset, 0.8, ml, pw)[0]
 
     assert torch.autograd.gradcheck(f, (q, k), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", POS_MODES)
+@pytest.mark.parametrize("op", ["lse", "sp", "lse-fallback"])
+def test_gradcheck_sym_float64(op, mode):
+    # 5 rows of norm ~1, or of norm 30 (2·scale·R² far above 700: the general fallback).
+    norm = 30.0 if op == "lse-fallback" else 1.0
+    z, lab, ml, pw = _sym_inputs(9, 3, torch.float64, mode, norm=norm)
+    z.requires_grad_(True)
+    if op.startswith("lse"):
+
+        def f(z):
+            lse, psum, _ = OPS.sym_lse_fwd(z, lab, 0.8, 1.0, 0.5, 2.0, ml, pw)
+            return lse, psum
+
+    else:
+        eta = torch_stream.sym_lse_fwd(z.detach(), lab, 0.8, 0.0, 1.0, 0.0, ml, pw)[0]
+        eta = torch.where(torch.isfinite(eta), eta, torch.zeros_like(eta))
+
+        def f(z):
+            return OPS.sym_sp_fwd(z, lab, eta, 0.8, ml, pw)[0]
+
+    assert torch.autograd.gradcheck(f, (z,), eps=1e-6, atol=1e-6)
 
 
 def _opcheck_samples():
     q, k, qlab, klab = _op_inputs(5, 7, 3, torch.float32)
     st = torch.randn(5)
+    pw = torch.rand(5, 7)
     lse = torch_stream.lse_fwd(q, k, qlab, klab, 0, 1.5, 1.0, 1.0, 0.0)[0]
     qg, kg = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
-    return [
-        ("lse_fwd", (qg, kg, qlab, klab, 0, 1.5, 1.0, 1.0, 0.0)),
-        ("lse_fwd", (q, k, qlab, klab, -1, 1.5, 1.0, 0.5, 3.0)),
-        ("lse_bwd", (st, st, q, k, qlab, klab, lse, 0, 1.5, 1.0, 1.0, 0.0)),
-        ("sp_fwd", (qg, kg, qlab, klab, lse, 0, 1.5)),
-        ("sp_bwd", (st, q, k, qlab, klab, lse, 1, 1.5)),
-    ]
+    z, zlab = q, qlab
+    zg = z.clone().requires_grad_(True)
+    zpw = torch.rand(5, 5)
+    zlse = torch_stream.sym_lse_fwd(z, zlab, 1.5, 1.0, 1.0, 0.0)[0]
+    return {
+        "lse_fwd": ("lse_fwd", (qg, kg, qlab, klab, 0, 1.5, 1.0, 1.0, 0.0, False, None)),
+        "lse_fwd-k1-pw": ("lse_fwd", (qg, kg, qlab, klab, -1, 1.5, 1.0, 0.5, 3.0, False, pw)),
+        "lse_bwd": ("lse_bwd", (st, st, q, k, qlab, klab, lse, 0, 1.5, 1.0, 1.0, 0.0, True, None)),
+        "sp_fwd": ("sp_fwd", (qg, kg, qlab, klab, lse, 0, 1.5, False, None)),
+        "sp_bwd": ("sp_bwd", (st, q, k, qlab, klab, lse, 1, 1.5, False, pw)),
+        "sym_lse_fwd": ("sym_lse_fwd", (zg, zlab, 1.5, 1.0, 1.0, 0.0, False, None)),
+        "sym_lse_fwd-k1-pw": ("sym_lse_fwd", (zg, zlab, 1.5, 1.0, 0.5, 3.0, False, zpw)),
+        "sym_lse_bwd": ("sym_lse_bwd", (st, st, z, zlab, zlse, 1.5, 1.0, 1.0, 0.0, True, None)),
+        "sym_sp_fwd": ("sym_sp_fwd", (zg, zlab, zlse, 1.5, False, zpw)),
+        "sym_sp_bwd": ("sym_sp_bwd", (st, z, zlab, zlse, 1.5, False, None)),
+    }
 
 
-@pytest.mark.parametrize(
-    "i", range(5), ids=lambda i: ["lse_fwd", "lse_fwd-k1", "lse_bwd", "sp_fwd", "sp_bwd"][i]
-)
-def test_opcheck(i):
-    name, args = _opcheck_samples()[i]
+@pytest.mark.parametrize("key", list(_opcheck_samples()) if _OK else [])
+def test_opcheck(key):
+    name, args = _opcheck_samples()[key]
     torch.library.opcheck(getattr(OPS, name).default, args)
 
 
@@ -256,35 +471,65 @@ def test_bitwise_reproducible(op):
     """Fixed chunking and a fixed-order dK reduction: identical bits run to run."""
     q, k, qlab, klab = _op_inputs(700, 700, 40, torch.float32)
     st = torch.randn(700)
+    a = (False, None)
     if op == "lse":
-        runs = [OPS.lse_fwd(q, k, qlab, klab, 0, 2.0, 1.0, 1.0, 0.0) for _ in range(2)]
+        runs = [OPS.lse_fwd(q, k, qlab, klab, 0, 2.0, 1.0, 1.0, 0.0, *a) for _ in range(2)]
         runs += [
-            OPS.lse_bwd(st, st, q, k, qlab, klab, runs[0][0], 0, 2.0, 1.0, 1.0, 0.0)
+            OPS.lse_bwd(st, st, q, k, qlab, klab, runs[0][0], 0, 2.0, 1.0, 1.0, 0.0, *a)
             for _ in range(3)
         ]
     else:
-        runs = [OPS.sp_fwd(q, k, qlab, klab, st, 0, 2.0) for _ in range(2)]
-        runs += [OPS.sp_bwd(st, q, k, qlab, klab, st, 0, 2.0) for _ in range(3)]
+        runs = [OPS.sp_fwd(q, k, qlab, klab, st, 0, 2.0, *a) for _ in range(2)]
+        runs += [OPS.sp_bwd(st, q, k, qlab, klab, st, 0, 2.0, *a) for _ in range(3)]
     for a, b in [(runs[0], runs[1]), (runs[2], runs[3]), (runs[2], runs[4])]:
         for x, y in zip(a, b):
             assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("mode", POS_MODES)
+@pytest.mark.parametrize("op", ["lse", "sp"])
+def test_sym_bitwise_reproducible(op, mode):
+    """Round-robin tile-pair schedule: identical bits run to run at a fixed thread count
+    (5 blocks of 256 rows: an odd schedule with byes)."""
+    n = 1100
+    z, lab, ml, pw = _sym_inputs(n, 40, torch.float32, mode, norm=1.0)
+    st = torch.randn(n)
+
+    def run():
+        if op == "lse":
+            fwd = OPS.sym_lse_fwd(z, lab, 10.0, 1.0, 1.0, 2.0, ml, pw)
+            return (*fwd, OPS.sym_lse_bwd(st, st, z, lab, fwd[0], 10.0, 1.0, 1.0, 2.0, ml, pw))
+        fwd = OPS.sym_sp_fwd(z, lab, st, 2.0, ml, pw)
+        return (*fwd, OPS.sym_sp_bwd(st, z, lab, st, 2.0, ml, pw))
+
+    first = run()
+    for _ in range(2):
+        for x, y in zip(first, run()):
+            assert torch.equal(x, y)
+
+
 def test_bad_inputs_raise_actionable_errors():
     q, k, qlab, klab = _op_inputs(4, 6, 3, torch.float32)
+    a = (False, None)
     with pytest.raises(RuntimeError, match="same feature size D"):
-        OPS.lse_fwd(q, k[:, :2].contiguous(), qlab, klab, 0, 1.0, 1.0, 1.0, 0.0)
+        OPS.lse_fwd(q, k[:, :2].contiguous(), qlab, klab, 0, 1.0, 1.0, 1.0, 0.0, *a)
     with pytest.raises(RuntimeError, match="same dtype"):
-        OPS.lse_fwd(q, k.double(), qlab, klab, 0, 1.0, 1.0, 1.0, 0.0)
+        OPS.lse_fwd(q, k.double(), qlab, klab, 0, 1.0, 1.0, 1.0, 0.0, *a)
     with pytest.raises(RuntimeError, match="contiguous"):
-        OPS.lse_fwd(q.T.contiguous().T, k, qlab, klab, 0, 1.0, 1.0, 1.0, 0.0)
+        OPS.lse_fwd(q.T.contiguous().T, k, qlab, klab, 0, 1.0, 1.0, 1.0, 0.0, *a)
     with pytest.raises(RuntimeError, match="qlab must have shape"):
-        OPS.lse_fwd(q, k, qlab[:3], klab, 0, 1.0, 1.0, 1.0, 0.0)
+        OPS.lse_fwd(q, k, qlab[:3], klab, 0, 1.0, 1.0, 1.0, 0.0, *a)
     with pytest.raises(RuntimeError, match="int64"):
-        OPS.lse_fwd(q, k, qlab.float(), klab, 0, 1.0, 1.0, 1.0, 0.0)
+        OPS.lse_fwd(q, k, qlab.float(), klab, 0, 1.0, 1.0, 1.0, 0.0, *a)
     with pytest.raises(RuntimeError, match="non-negative"):
-        OPS.lse_fwd(q, k, qlab, klab, 0, 1.0, -1.0, 1.0, 0.0)
+        OPS.lse_fwd(q, k, qlab, klab, 0, 1.0, -1.0, 1.0, 0.0, *a)
     with pytest.raises(RuntimeError, match="float32, float64, float16 or bfloat16"):
-        OPS.lse_fwd(q.int(), k.int(), qlab, klab, 0, 1.0, 1.0, 1.0, 0.0)
+        OPS.lse_fwd(q.int(), k.int(), qlab, klab, 0, 1.0, 1.0, 1.0, 0.0, *a)
     with pytest.raises(RuntimeError, match="statistics dtype"):
-        OPS.sp_fwd(q, k, qlab, klab, torch.zeros(4, dtype=torch.float64), 0, 1.0)
+        OPS.sp_fwd(q, k, qlab, klab, torch.zeros(4, dtype=torch.float64), 0, 1.0, *a)
+    with pytest.raises(RuntimeError, match="pos_weight must be a non-empty 2-D"):
+        OPS.lse_fwd(q, k, qlab, klab, 0, 1.0, 1.0, 1.0, 0.0, False, torch.ones(4))
+    with pytest.raises(RuntimeError, match="pos_weight must be a floating"):
+        OPS.sym_lse_fwd(q, qlab, 1.0, 1.0, 1.0, 0.0, False, torch.ones(4, 4, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="statistics dtype"):
+        OPS.sym_sp_fwd(q, qlab, torch.zeros(4, dtype=torch.float64), 1.0, *a)

@@ -16,6 +16,9 @@
 // shared memory and accumulates G·K_tile; the dK launch recomputes Sᵀ = K_blk·Q_tileᵀ and
 // accumulates Gᵀ·Q_tile. S is recomputed once per D slice (one slice for D <= 64).
 //
+// Positive weights (contract v2): class labels, int64 label bitmasks, or a [Bq, Bk] pos_weight
+// matrix read per pair from global memory (cached; it is O(B²)), never expanded to N×M.
+//
 // Precision: products accumulate in float32; statistics are float32; float64 is not supported
 // here (the CPU kernels and backend='torch' take it).
 #include <ATen/ATen.h>
@@ -77,6 +80,12 @@ struct Params {
   int64_t n, m, d, self_offset;
   float scale, lw_pos, lw_neg, lk1;
   bool has_k1;
+  // Positive weights (tile_math.h PosMode): labels, label bitmasks, or pos_weight [bq, bk]
+  // (float32) with its logarithm, read per pair (never expanded to N×M).
+  int mode;
+  const float* pw;
+  const float* lpw;
+  int64_t bq, bk;
   // lse op: g_lse, g_psum, lse; sp op: g_sp (in g_lse), eta.
   const float* g_lse;
   const float* g_psum;
@@ -107,6 +116,19 @@ struct Smem {
   float row_a[kBM], row_b[kBM], row_c[kBM];
   int64_t lab_r[kBM], lab_c[kBN];
 };
+
+// m_ij and log m_ij of anchor i (label li) and column j (label lj).
+__device__ __forceinline__ void pair_weight(const Params& p, int64_t i, int64_t j, int64_t li,
+                                            int64_t lj, float& m, float& logm) {
+  if (p.mode == tm::kPosWeight) {
+    const int64_t x = (i % p.bq) * p.bk + j % p.bk;
+    m = __ldg(p.pw + x);
+    logm = __ldg(p.lpw + x);
+  } else {
+    m = tm::label_weight<float>(li, lj, p.mode == tm::kMultiLabel);
+    logm = 0.f;
+  }
+}
 
 // Stage rows [r0, r0+64) × cols [d0, d0+kBK) of x [rows, d] into dst (zero outside).
 template <typename T, int LD>
@@ -210,21 +232,22 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(Params p) {
         if (j >= p.m) break;
         const float s = sm.s[r][c];
         const bool excl = tm::is_self(i, j, p.self_offset);
-        const bool same = sm.lab_c[c] == ql;
-        const bool pos = same && !excl, neg = !same && !excl;
+        float w, lw;
+        pair_weight(p, i, j, ql, sm.lab_c[c], w, lw);
+        const float mm = tm::pos_mass(w, excl);
         if (MODE == kLse) {
-          a1 += pos ? s : 0.f;
-          a2 += pos ? 1.f : 0.f;
-          float t = tm::lse_term(s, pos, neg, p.scale, p.lw_pos, p.lw_neg);
+          a1 += mm * s;
+          a2 += mm;
+          float t = tm::lse_term(s, w, lw, excl, p.scale, p.lw_pos, p.lw_neg);
           if (p.has_k1) {
-            const float u = tm::k1_term(s, pos, p.lk1);
+            const float u = tm::k1_term(s, w, lw, excl, p.lk1);
             mt = fmaxf(mt, u);
           }
           mt = fmaxf(mt, t);
-        } else if (pos) {
+        } else if (mm != 0.f) {
           const float x = tm::sp_arg(s, eta, p.scale);
-          a1 += tm::softplus(x);
-          a2 += tm::sigmoid(x);
+          a1 += mm * tm::softplus(x);
+          a2 += mm * tm::sigmoid(x);
         }
       }
       if (MODE == kLse && mt != tm::neg_inf<float>()) {
@@ -236,10 +259,10 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(Params p) {
           if (j >= p.m) break;
           const float s = sm.s[r][c];
           const bool excl = tm::is_self(i, j, p.self_offset);
-          const bool same = sm.lab_c[c] == ql;
-          const bool pos = same && !excl, neg = !same && !excl;
-          acc += tm::fexp(tm::lse_term(s, pos, neg, p.scale, p.lw_pos, p.lw_neg) - mn);
-          if (p.has_k1) acc += tm::fexp(tm::k1_term(s, pos, p.lk1) - mn);
+          float w, lw;
+          pair_weight(p, i, j, ql, sm.lab_c[c], w, lw);
+          acc += tm::fexp(tm::lse_term(s, w, lw, excl, p.scale, p.lw_pos, p.lw_neg) - mn);
+          if (p.has_k1) acc += tm::fexp(tm::k1_term(s, w, lw, excl, p.lk1) - mn);
         }
         sum = tm::lse_rescale(m, sum, mn) + acc;
         m = mn;
@@ -323,13 +346,15 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(Params p) {
       if (ga < n_rows && gb < n_cols) {
         const float s = sm.s[a][b];
         const bool excl = tm::is_self(i, j, p.self_offset);
-        const bool same = sm.lab_r[a] == sm.lab_c[b];
-        const bool pos = same && !excl, neg = !same && !excl;
+        float w, lw;
+        // Labels of anchor i and column j (the tile's rows are columns of k when TRANS).
+        pair_weight(p, i, j, TRANS ? sm.lab_c[b] : sm.lab_r[a], TRANS ? sm.lab_r[a] : sm.lab_c[b],
+                    w, lw);
         if (MODE == kLse) {
-          g = tm::lse_pair_grad(s, pos, neg, sm.row_a[si], sm.row_b[si], sm.row_c[si], p.scale,
-                                p.lw_pos, p.lw_neg, p.lk1, p.has_k1);
+          g = tm::lse_pair_grad(s, w, lw, excl, sm.row_a[si], sm.row_b[si], sm.row_c[si],
+                                p.scale, p.lw_pos, p.lw_neg, p.lk1, p.has_k1);
         } else {
-          g = tm::sp_pair_grad(s, pos, sm.row_a[si], sm.row_b[si], p.scale);
+          g = tm::sp_pair_grad(s, tm::pos_mass(w, excl), sm.row_a[si], sm.row_b[si], p.scale);
         }
       }
       if constexpr (IsFloat<T>::value) {
@@ -400,23 +425,42 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(Params p) {
 
 // ---- host side -----------------------------------------------------------------------------
 
+using OptTensor = std::optional<at::Tensor>;
+
 struct Prepared {
-  at::Tensor q, k, ql, kl;
+  at::Tensor q, k, ql, kl, pw, lpw;
   Problem pr;
+  int mode;
 };
 
 Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& qlab,
-                 const at::Tensor& klab) {
+                 const at::Tensor& klab, bool multilabel, const OptTensor& pos_weight) {
   const Problem pr = check_qk(op, q, k, qlab, klab, c10::DeviceType::CUDA);
   TORCH_CHECK(q.scalar_type() != at::kDouble, "flashcon::", op,
               ": the CUDA kernels take float32, float16 or bfloat16; float64 CUDA tensors are "
               "served by backend='torch' (or move them to the CPU for backend='cpu')");
-  return {q.detach(), k.detach(), qlab.detach().to(at::kLong).contiguous(),
-          klab.detach().to(at::kLong).contiguous(), pr};
+  const at::Tensor pw = prepare_pos_weight(op, pos_weight, q);
+  return {q.detach(),
+          k.detach(),
+          qlab.detach().to(at::kLong).contiguous(),
+          klab.detach().to(at::kLong).contiguous(),
+          pw,
+          log_pos_weight(pw),
+          pr,
+          pos_mode(multilabel, pw)};
 }
 
 Params base_params(const Prepared& o, int64_t self_offset, double scale) {
   Params p{};
+  p.mode = o.mode;
+  if (o.pw.defined()) {
+    p.pw = o.pw.data_ptr<float>();
+    p.lpw = o.lpw.data_ptr<float>();
+    p.bq = o.pw.size(0);
+    p.bk = o.pw.size(1);
+  } else {
+    p.bq = p.bk = 1;
+  }
   p.q = o.q.data_ptr();
   p.k = o.k.data_ptr();
   p.qlab = o.ql.data_ptr<int64_t>();
@@ -471,9 +515,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_fwd(const at::Tensor& q, cons
                                                        const at::Tensor& qlab,
                                                        const at::Tensor& klab, int64_t self_offset,
                                                        double scale, double w_pos, double w_neg,
-                                                       double k1) {
+                                                       double k1, bool multilabel,
+                                                       const OptTensor& pos_weight) {
   check_weights("lse_fwd", w_pos, w_neg, k1);
-  const Prepared o = prepare("lse_fwd", q, k, qlab, klab);
+  const Prepared o = prepare("lse_fwd", q, k, qlab, klab, multilabel, pos_weight);
   const c10::cuda::CUDAGuard guard(q.device());
   const auto opts = q.options().dtype(at::kFloat);
   at::Tensor lse = at::empty({o.pr.n}, opts), psum = at::empty({o.pr.n}, opts),
@@ -500,9 +545,10 @@ std::tuple<at::Tensor, at::Tensor> lse_bwd(const at::Tensor& g_lse, const at::Te
                                            const at::Tensor& q, const at::Tensor& k,
                                            const at::Tensor& qlab, const at::Tensor& klab,
                                            const at::Tensor& lse, int64_t self_offset,
-                                           double scale, double w_pos, double w_neg, double k1) {
+                                           double scale, double w_pos, double w_neg, double k1,
+                                           bool multilabel, const OptTensor& pos_weight) {
   check_weights("lse_bwd", w_pos, w_neg, k1);
-  const Prepared o = prepare("lse_bwd", q, k, qlab, klab);
+  const Prepared o = prepare("lse_bwd", q, k, qlab, klab, multilabel, pos_weight);
   check_stat("lse_bwd", "g_lse", g_lse, q);
   check_stat("lse_bwd", "g_psum", g_psum, q);
   check_stat("lse_bwd", "lse", lse, q);
@@ -525,8 +571,9 @@ std::tuple<at::Tensor, at::Tensor> lse_bwd(const at::Tensor& g_lse, const at::Te
 std::tuple<at::Tensor, at::Tensor> sp_fwd(const at::Tensor& q, const at::Tensor& k,
                                           const at::Tensor& qlab, const at::Tensor& klab,
                                           const at::Tensor& eta, int64_t self_offset,
-                                          double scale) {
-  const Prepared o = prepare("sp_fwd", q, k, qlab, klab);
+                                          double scale, bool multilabel,
+                                          const OptTensor& pos_weight) {
+  const Prepared o = prepare("sp_fwd", q, k, qlab, klab, multilabel, pos_weight);
   check_stat("sp_fwd", "eta", eta, q);
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor et = eta.detach().contiguous();
@@ -549,8 +596,9 @@ std::tuple<at::Tensor, at::Tensor> sp_fwd(const at::Tensor& q, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor> sp_bwd(const at::Tensor& g_sp, const at::Tensor& q,
                                           const at::Tensor& k, const at::Tensor& qlab,
                                           const at::Tensor& klab, const at::Tensor& eta,
-                                          int64_t self_offset, double scale) {
-  const Prepared o = prepare("sp_bwd", q, k, qlab, klab);
+                                          int64_t self_offset, double scale, bool multilabel,
+                                          const OptTensor& pos_weight) {
+  const Prepared o = prepare("sp_bwd", q, k, qlab, klab, multilabel, pos_weight);
   check_stat("sp_bwd", "g_sp", g_sp, q);
   check_stat("sp_bwd", "eta", eta, q);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -563,6 +611,41 @@ std::tuple<at::Tensor, at::Tensor> sp_bwd(const at::Tensor& g_sp, const at::Tens
   return {dq, dk};
 }
 
+// ---- symmetric path ------------------------------------------------------------------------
+// On CUDA the symmetric ops run the general kernels with q = k = z, self_offset = 0 and
+// dz = dq + dk: correct, but without the halved work of the CPU's tile-pair schedule (a
+// tile-pair kernel is left to the Triton backend; see engine.py's "Symmetric path").
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sym_lse_fwd(const at::Tensor& z,
+                                                           const at::Tensor& lab, double scale,
+                                                           double w_pos, double w_neg, double k1,
+                                                           bool multilabel,
+                                                           const OptTensor& pos_weight) {
+  return lse_fwd(z, z, lab, lab, 0, scale, w_pos, w_neg, k1, multilabel, pos_weight);
+}
+
+at::Tensor sym_lse_bwd(const at::Tensor& g_lse, const at::Tensor& g_psum, const at::Tensor& z,
+                       const at::Tensor& lab, const at::Tensor& lse, double scale, double w_pos,
+                       double w_neg, double k1, bool multilabel, const OptTensor& pos_weight) {
+  auto [dq, dk] =
+      lse_bwd(g_lse, g_psum, z, z, lab, lab, lse, 0, scale, w_pos, w_neg, k1, multilabel,
+              pos_weight);
+  return dq.add_(dk);
+}
+
+std::tuple<at::Tensor, at::Tensor> sym_sp_fwd(const at::Tensor& z, const at::Tensor& lab,
+                                              const at::Tensor& eta, double scale,
+                                              bool multilabel, const OptTensor& pos_weight) {
+  return sp_fwd(z, z, lab, lab, eta, 0, scale, multilabel, pos_weight);
+}
+
+at::Tensor sym_sp_bwd(const at::Tensor& g_sp, const at::Tensor& z, const at::Tensor& lab,
+                      const at::Tensor& eta, double scale, bool multilabel,
+                      const OptTensor& pos_weight) {
+  auto [dq, dk] = sp_bwd(g_sp, z, z, lab, lab, eta, 0, scale, multilabel, pos_weight);
+  return dq.add_(dk);
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace flashcon
@@ -572,4 +655,8 @@ TORCH_LIBRARY_IMPL(flashcon, CUDA, m) {
   m.impl("lse_bwd", &flashcon::cuda::lse_bwd);
   m.impl("sp_fwd", &flashcon::cuda::sp_fwd);
   m.impl("sp_bwd", &flashcon::cuda::sp_bwd);
+  m.impl("sym_lse_fwd", &flashcon::cuda::sym_lse_fwd);
+  m.impl("sym_lse_bwd", &flashcon::cuda::sym_lse_bwd);
+  m.impl("sym_sp_fwd", &flashcon::cuda::sym_sp_fwd);
+  m.impl("sym_sp_bwd", &flashcon::cuda::sym_sp_bwd);
 }

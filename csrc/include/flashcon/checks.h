@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 
+#include <limits>
+#include <optional>
 #include <string>
 
 namespace flashcon {
@@ -69,6 +71,34 @@ inline void check_weights(const char* op, double w_pos, double w_neg, double k1)
   TORCH_CHECK(w_pos >= 0 && w_neg >= 0 && k1 >= 0, "flashcon::", op,
               ": weights must be non-negative, got w_pos=", w_pos, " w_neg=", w_neg,
               " k1=", k1);
+}
+
+// SupContrast's positive-weight matrix [Bq, Bk] (m_ij = pos_weight[i mod Bq, j mod Bk]): a
+// floating 2-D tensor on the device of q, read per tile. Returned in the statistics dtype,
+// contiguous (it is O(B²), so the conversion is cheap); an undefined tensor when absent.
+inline at::Tensor prepare_pos_weight(const char* op, const std::optional<at::Tensor>& pw,
+                                     const at::Tensor& q) {
+  if (!pw.has_value() || !pw->defined()) return at::Tensor();
+  const at::Tensor& w = *pw;
+  TORCH_CHECK(w.dim() == 2 && w.size(0) > 0 && w.size(1) > 0, "flashcon::", op,
+              ": pos_weight must be a non-empty 2-D [Bq, Bk] matrix, got shape ", w.sizes());
+  TORCH_CHECK(at::isFloatingType(w.scalar_type()), "flashcon::", op,
+              ": pos_weight must be a floating tensor (the statistics dtype ",
+              stat_dtype(q.scalar_type()), "), got ", w.scalar_type());
+  TORCH_CHECK(w.device() == q.device(), "flashcon::", op, ": pos_weight must be on ", q.device(),
+              ", got ", w.device());
+  return w.detach().to(stat_dtype(q.scalar_type())).contiguous();
+}
+
+// log of the positive weights, -inf where a weight is not positive (the pair is no positive).
+inline at::Tensor log_pos_weight(const at::Tensor& pw) {
+  if (!pw.defined()) return at::Tensor();
+  return at::where(pw > 0, pw.log(), at::full({}, -std::numeric_limits<double>::infinity(),
+                                              pw.options()));
+}
+
+inline int pos_mode(bool multilabel, const at::Tensor& pw) {
+  return pw.defined() ? 2 : (multilabel ? 1 : 0);
 }
 
 }  // namespace flashcon

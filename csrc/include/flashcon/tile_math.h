@@ -4,10 +4,13 @@
 // device (used by csrc/cuda/), so the CPU tests execute exactly the arithmetic the GPU kernels
 // run. The formulas are the engine contract of python/flashcon/engine.py (LOSSES.md §0-§2):
 //
-//   lse_i  = log( Σ_{P(i)} [w_pos e^{scale s_ij} + k1 e^{-s_ij}] + Σ_{N(i)} w_neg e^{scale s_ij} )
-//   G_ij   = g_lse_i e^{-lse_i} (w_ij scale e^{scale s_ij} - [P] k1 e^{-s_ij}) + g_psum_i [P]
-//   sp_i   = Σ_{P(i)} softplus(eta_i - scale s_ij),  r_i = Σ_{P(i)} σ(eta_i - scale s_ij)
-//   G_ij   = -g_sp_i scale σ(eta_i - scale s_ij) [P]
+//   lse_i  = log( Σ_{P(i)} m_ij [w_pos e^{scale s_ij} + k1 e^{-s_ij}]
+//                 + Σ_{N(i)} w_neg e^{scale s_ij} )
+//   G_ij   = g_lse_i e^{-lse_i} (c_ij scale e^{scale s_ij} - [P] m_ij k1 e^{-s_ij})
+//            + g_psum_i m_ij      (c_ij = w_pos m_ij on P(i), w_neg on N(i))
+//   sp_i   = Σ_{P(i)} m_ij softplus(eta_i - scale s_ij)
+//   r_i    = Σ_{P(i)} m_ij σ(eta_i - scale s_ij)
+//   G_ij   = -g_sp_i scale m_ij σ(eta_i - scale s_ij)
 //
 // Weights enter as logarithms (log 0 = -inf), so a weighted term is one exponent and an absent
 // term is e^{-inf} = 0: no branch, and the kernels' inner loops stay vectorisable. Every
@@ -82,18 +85,38 @@ FLASHCON_HD T log_weight(double w) {
   return w > 0 ? static_cast<T>(log(w)) : neg_inf<T>();
 }
 
-// Exponent of pair (i, j)'s main term: scale·s + log w, w = w_pos on positives, w_neg on
-// negatives, and -inf on the anchor's own column (neither positive nor negative).
+// ---- positive weights ----------------------------------------------------------------------
+// m_ij >= 0 is the positive weight of pair (i, j) (engine contract v2): from class labels
+// [l_i == l_j], from int64 label bitmasks [(l_i & l_j) != 0], or read from a [Bq, Bk] matrix
+// as pos_weight[i mod Bq, j mod Bk]. The pair is a positive when m_ij > 0, a negative when
+// m_ij == 0; the anchor's own column (excl) is neither and carries no mass.
+enum PosMode : int { kLabels = 0, kMultiLabel = 1, kPosWeight = 2 };
+
 template <typename T>
-FLASHCON_HD T lse_term(T s, bool pos, bool neg, T scale, T lw_pos, T lw_neg) {
-  const T lw = pos ? lw_pos : (neg ? lw_neg : neg_inf<T>());
+FLASHCON_HD T label_weight(int64_t li, int64_t lj, bool multilabel) {
+  return (multilabel ? (li & lj) != 0 : li == lj) ? T(1) : T(0);
+}
+
+// m_ij as it enters psum, pcnt and the g_psum term: 0 on the anchor's own column.
+template <typename T>
+FLASHCON_HD T pos_mass(T m, bool excl) {
+  return excl ? T(0) : m;
+}
+
+// Exponent of pair (i, j)'s main term: scale·s + log c_ij with c_ij = w_pos·m_ij on positives
+// (log m_ij = logm; 0 for label positives), w_neg on negatives, and -inf on the anchor's own
+// column (neither positive nor negative).
+template <typename T>
+FLASHCON_HD T lse_term(T s, T m, T logm, bool excl, T scale, T lw_pos, T lw_neg) {
+  const T lw = excl ? neg_inf<T>()
+                    : (m > T(0) ? lw_pos + logm : (m == T(0) ? lw_neg : neg_inf<T>()));
   return scale * s + lw;
 }
 
-// Exponent of TCL's k1 term log(k1) - s (positives only; -inf elsewhere or when k1 = 0).
+// Exponent of TCL's k1 term log(k1·m_ij) - s (positives only; -inf elsewhere or when k1 = 0).
 template <typename T>
-FLASHCON_HD T k1_term(T s, bool pos, T lk1) {
-  return pos ? lk1 - s : neg_inf<T>();
+FLASHCON_HD T k1_term(T s, T m, T logm, bool excl, T lk1) {
+  return (!excl && m > T(0)) ? lk1 + logm - s : neg_inf<T>();
 }
 
 // ---- online log-sum-exp --------------------------------------------------------------------
@@ -126,14 +149,14 @@ FLASHCON_HD T finite_or_zero(T x) {
 }
 
 // ---- per-pair gradient of the lse op -------------------------------------------------------
-// G_ij = g_lse·(scale·e^{t - l} - [P]·e^{t1 - l}) + [P]·g_psum, t the main exponent, t1 the
-// k1 exponent, l the row's finite lse.
+// G_ij = g_lse·(scale·e^{t - l} - e^{t1 - l}) + m_ij·g_psum, t the main exponent, t1 the k1
+// exponent, l the row's finite lse.
 template <typename T>
-FLASHCON_HD T lse_pair_grad(T s, bool pos, bool neg, T g_lse, T l, T g_psum, T scale, T lw_pos,
-                            T lw_neg, T lk1, bool has_k1) {
-  T g = scale * fexp(lse_term(s, pos, neg, scale, lw_pos, lw_neg) - l);
-  if (has_k1) g -= fexp(k1_term(s, pos, lk1) - l);
-  return g_lse * g + (pos ? g_psum : T(0));
+FLASHCON_HD T lse_pair_grad(T s, T m, T logm, bool excl, T g_lse, T l, T g_psum, T scale,
+                            T lw_pos, T lw_neg, T lk1, bool has_k1) {
+  T g = scale * fexp(lse_term(s, m, logm, excl, scale, lw_pos, lw_neg) - l);
+  if (has_k1) g -= fexp(k1_term(s, m, logm, excl, lk1) - l);
+  return g_lse * g + pos_mass(m, excl) * g_psum;
 }
 
 // ---- softplus / sigmoid (SINCERE's second pass) --------------------------------------------
@@ -158,10 +181,37 @@ FLASHCON_HD T sp_arg(T s, T eta, T scale) {
   return eta - scale * s;
 }
 
-// G_ij of the softplus op.
+// G_ij of the softplus op: -g_sp·scale·m_ij·σ(eta_i - scale·s_ij) (mm = pos_mass(m, excl)).
 template <typename T>
-FLASHCON_HD T sp_pair_grad(T s, bool pos, T g_sp, T eta, T scale) {
-  return pos ? -g_sp * scale * sigmoid(sp_arg(s, eta, scale)) : T(0);
+FLASHCON_HD T sp_pair_grad(T s, T mm, T g_sp, T eta, T scale) {
+  return mm != T(0) ? -g_sp * scale * mm * sigmoid(sp_arg(s, eta, scale)) : T(0);
+}
+
+// ---- symmetric path, static shift ----------------------------------------------------------
+// With q = k = z, one exponential e_ij = e^{scale·s_ij - A} (A = scale·max‖z‖², so e <= 1)
+// serves row i and row j; the weights multiply it instead of entering the exponent, scaled by
+// the largest one (chat = c/c_max <= 1), so every term is <= 1 and the sums cannot overflow.
+// TCL's k1 terms use f_ij = e^{-s_ij - R²} (R² = max‖z‖²) the same way. The caller checks that
+// the smallest possible product stays a normal number (see csrc/cpu/engine_cpu.cpp).
+//
+// chat_ij: c_ij / c_max (0 on the own column and on pairs with no term).
+template <typename T>
+FLASHCON_HD T sym_coef(T m, T cpos, T cneg) {
+  return m > T(0) ? cpos * m : (m == T(0) ? cneg : T(0));
+}
+
+// k1 weight m_ij / m_max of the positive pair (0 elsewhere).
+template <typename T>
+FLASHCON_HD T sym_kcoef(T m, T inv_mmax) {
+  return m > T(0) ? m * inv_mmax : T(0);
+}
+
+// G_ij from the static-shift exponentials and the row's folded constants
+// rho_i = g_lse_i·scale·c_max·e^{A - lse_i} and kappa_i = g_lse_i·k1·m_max·e^{R² - lse_i}.
+template <typename T>
+FLASHCON_HD T sym_lse_pair_grad(T s, T e, T f, T m, T rho, T kappa, T g_psum, T cpos, T cneg,
+                                T inv_mmax) {
+  return rho * sym_coef(m, cpos, cneg) * e - kappa * sym_kcoef(m, inv_mmax) * f + m * g_psum;
 }
 
 // Column j of row i is the anchor's own column (excluded from everything).
