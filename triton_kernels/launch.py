@@ -47,26 +47,30 @@ class TileConfig:
 # ignores the bucket (its register use does not grow with D: D is streamed in chunks).
 # Checked spill-free and within shared memory by ``python -m flashcon.tools.kernel_report``.
 CONFIGS: dict[tuple[int, str, int, str], TileConfig] = {
-    # Forward, 16-bit: 128×64 fp32 tile over 8 warps (32 fp32 registers/thread for s, plus
-    # the exponent tile); 4 warps spill this tile on sm_80/sm_90.
-    (80, "fwd", 16, "any"): TileConfig(128, 64, 64, 0, 8, 3),
-    (90, "fwd", 16, "any"): TileConfig(128, 64, 64, 0, 8, 3),
-    # Forward, fp32: chunks twice as wide in bytes, so half the D chunk keeps shared memory of
-    # the 3-stage pipeline as in the 16-bit case.
-    (80, "fwd", 32, "any"): TileConfig(64, 64, 32, 0, 4, 3),
-    (90, "fwd", 32, "any"): TileConfig(64, 64, 32, 0, 4, 3),
-    # Backward, 16-bit: s (64×64) + G + the fp32 output accumulator (64×BLOCK_DO) live
-    # together; 8 warps hold a 64×128 accumulator in 32 registers/thread.
+    # Forward, 16-bit: a 64×64 fp32 similarity tile over 8 warps (~190-230 registers with
+    # every flag on). 128×64 over 8 warps spills once HAS_K1, HAS_SELF and MULTILABEL are all
+    # on (a second exponent tile and the mask tiles), and so does 64×64 over 4 warps on sm_80.
+    (80, "fwd", 16, "any"): TileConfig(64, 64, 64, 0, 8, 2),
+    (90, "fwd", 16, "any"): TileConfig(64, 64, 64, 0, 8, 2),
+    # Forward, fp32: "ieee" products are FMA in registers; 32×64 over 4 warps is spill-free
+    # on both (64×64 spills at 4 warps, and 8 warps cap ptxas at 128 registers and spill).
+    (80, "fwd", 32, "any"): TileConfig(32, 64, 32, 0, 4, 2),
+    (90, "fwd", 32, "any"): TileConfig(32, 64, 32, 0, 4, 2),
+    # Backward, 16-bit, wide D: s, G and the 64×128 fp32 output accumulator live together;
+    # 8 warps hold them in ~170 registers, 4 warps spill.
     (80, "bwd", 16, "wide"): TileConfig(64, 64, 64, 128, 8, 2),
     (90, "bwd", 16, "wide"): TileConfig(64, 64, 64, 128, 8, 2),
-    # Narrow D: one 64-wide output chunk covers D; 4 warps suffice.
-    (80, "bwd", 16, "narrow"): TileConfig(64, 64, 64, 64, 4, 2),
-    (90, "bwd", 16, "narrow"): TileConfig(64, 64, 64, 64, 4, 2),
-    # Backward, fp32: G stays fp32 for the products, so operand tiles are twice the bytes.
-    (80, "bwd", 32, "wide"): TileConfig(64, 64, 32, 64, 4, 2),
-    (90, "bwd", 32, "wide"): TileConfig(64, 64, 32, 64, 4, 2),
-    (80, "bwd", 32, "narrow"): TileConfig(64, 64, 32, 64, 4, 2),
-    (90, "bwd", 32, "narrow"): TileConfig(64, 64, 32, 64, 4, 2),
+    # Narrow D (≤ 64): one 64-wide output chunk covers D (no recompute per chunk); 32-column
+    # tiles keep 4 warps well under the register limit (64×64 sits at it and spills for
+    # some flag sets).
+    (80, "bwd", 16, "narrow"): TileConfig(64, 32, 64, 64, 4, 2),
+    (90, "bwd", 16, "narrow"): TileConfig(64, 32, 64, 64, 4, 2),
+    # Backward, fp32: G stays fp32 and "ieee" products are FMA in registers: 32×32 tiles are
+    # the largest that hold s, G and a 32×64 accumulator without spilling.
+    (80, "bwd", 32, "wide"): TileConfig(32, 32, 32, 64, 4, 2),
+    (90, "bwd", 32, "wide"): TileConfig(32, 32, 32, 64, 4, 2),
+    (80, "bwd", 32, "narrow"): TileConfig(32, 32, 32, 64, 4, 2),
+    (90, "bwd", 32, "narrow"): TileConfig(32, 32, 32, 64, 4, 2),
 }
 
 ARCHS = (80, 90)
@@ -101,12 +105,15 @@ def pick_config(kind: str, arch: int, dtype: torch.dtype, d: int) -> TileConfig:
     return CONFIGS[(arch, kind, bits, bucket)]
 
 
-def flags(kind: str, cfg: TileConfig, d: int, self_offset: int, k1: float) -> dict:
+def flags(
+    kind: str, cfg: TileConfig, d: int, self_offset: int, k1: float, multilabel: bool = False
+) -> dict:
     """Compile-time flags the launchers pass (the kernel report enumerates the same set)."""
     chunk = cfg.block_d if kind == "fwd" else max(cfg.block_d, cfg.block_do)
     return {
         "HAS_K1": k1 > 0,
         "HAS_SELF": self_offset >= 0,
+        "MULTILABEL": bool(multilabel),
         "EVEN_D": d % chunk == 0,
     }
 
@@ -140,6 +147,24 @@ def _check(q: Tensor, k: Tensor, qlab: Tensor, klab: Tensor) -> None:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devs))}")
 
 
+# D is padded with zero columns to a multiple of 16 elements (zeros change no dot product):
+# the row strides then are multiples of 16 bytes, so Triton specialises every load to 16-byte
+# vectors. Unaligned rows (D = 7, 130, …) would load element by element, with one pointer
+# register per element, which spills every tile size worth having. The copy is O(N·D) and
+# only happens for such D.
+D_ALIGN = 16
+
+
+def _prep(q: Tensor, k: Tensor, qlab: Tensor, klab: Tensor):
+    _check(q, k, qlab, klab)
+    d = q.shape[1]
+    dp = -(-d // D_ALIGN) * D_ALIGN
+    if dp != d:
+        q = torch.nn.functional.pad(q, (0, dp - d))
+        k = torch.nn.functional.pad(k, (0, dp - d))
+    return q.contiguous(), k.contiguous(), qlab.contiguous(), klab.contiguous(), dp
+
+
 def _log_w(w: float) -> float:
     # A zero weight is a −inf log-weight: its terms vanish exactly (see lse.py).
     return math.log(w) if w > 0 else float("-inf")
@@ -159,7 +184,12 @@ _TUNED: dict[str, object] = {}
 def _autotune_configs(kind: str) -> list[triton.Config]:
     out = []
     if kind == "fwd":
-        for bm, bn, bd, w in ((128, 64, 64, 8), (64, 64, 64, 4), (128, 128, 32, 8), (64, 128, 64, 8)):
+        for bm, bn, bd, w in (
+            (128, 64, 64, 8),
+            (64, 64, 64, 4),
+            (128, 128, 32, 8),
+            (64, 128, 64, 8),
+        ):
             for st in (2, 3):
                 out.append(
                     triton.Config(
@@ -180,7 +210,7 @@ def _kernel(name: str):
         return fn
     if name not in _TUNED:
         kind = "fwd" if "fwd" in name else "bwd"
-        key = ["D", "HAS_SELF", "DOT_PREC"]
+        key = ["D", "HAS_SELF", "MULTILABEL", "DOT_PREC"]
         if name != "_sp_fwd_kernel":
             key.append("HAS_K1")
         if kind == "bwd":
@@ -226,19 +256,18 @@ def lse_fwd(
     w_pos: float,
     w_neg: float,
     k1: float,
+    multilabel: bool = False,
     config: TileConfig | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _check(q, k, qlab, klab)
-    q, k, qlab, klab = q.contiguous(), k.contiguous(), qlab.contiguous(), klab.contiguous()
-    n, d = q.shape
-    m = k.shape[0]
+    q, k, qlab, klab, d = _prep(q, k, qlab, klab)
+    n, m = q.shape[0], k.shape[0]
     lse = q.new_empty((n,), dtype=torch.float32)
     psum = q.new_empty((n,), dtype=torch.float32)
     pcnt = q.new_empty((n,), dtype=torch.float32)
     if n == 0:
         return lse, psum, pcnt
     cfg = config or pick_config("fwd", arch_of(q.device), q.dtype, d)
-    fl = flags("fwd", cfg, d, self_offset, k1)
+    fl = flags("fwd", cfg, d, self_offset, k1, multilabel)
     args = (
         q, k, qlab, klab, lse, psum, pcnt, n, m, d, q.stride(0), k.stride(0),
         max(self_offset, 0), float(scale), _log_w(w_pos), _log_w(w_neg), _log_w(k1),
@@ -255,18 +284,17 @@ def sp_fwd(
     eta: Tensor,
     self_offset: int,
     scale: float,
+    multilabel: bool = False,
     config: TileConfig | None = None,
 ) -> tuple[Tensor, Tensor]:
-    _check(q, k, qlab, klab)
-    q, k, qlab, klab = q.contiguous(), k.contiguous(), qlab.contiguous(), klab.contiguous()
-    n, d = q.shape
-    m = k.shape[0]
+    q, k, qlab, klab, d = _prep(q, k, qlab, klab)
+    n, m = q.shape[0], k.shape[0]
     sp = q.new_empty((n,), dtype=torch.float32)
     r = q.new_empty((n,), dtype=torch.float32)
     if n == 0:
         return sp, r
     cfg = config or pick_config("fwd", arch_of(q.device), q.dtype, d)
-    fl = flags("fwd", cfg, d, self_offset, 0.0)
+    fl = flags("fwd", cfg, d, self_offset, 0.0, multilabel)
     del fl["HAS_K1"]
     args = (
         q, k, qlab, klab, _stat_in(eta), sp, r, n, m, d, q.stride(0), k.stride(0),
@@ -276,19 +304,20 @@ def sp_fwd(
     return sp, r
 
 
-def _backward(mode, g0, stat, g1, q, k, qlab, klab, self_offset, scale, w_pos, w_neg, k1, config):
-    _check(q, k, qlab, klab)
-    q, k, qlab, klab = q.contiguous(), k.contiguous(), qlab.contiguous(), klab.contiguous()
-    n, d = q.shape
-    m = k.shape[0]
+def _backward(
+    mode, g0, stat, g1, q, k, qlab, klab, self_offset, scale, w_pos, w_neg, k1, multilabel, config
+):
+    d_true = q.shape[1]
+    q, k, qlab, klab, d = _prep(q, k, qlab, klab)
+    n, m = q.shape[0], k.shape[0]
+    # dq, dk have the padded width; the zero columns of q and k give exact zeros there and the
+    # caller gets a view of the true width.
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
-    if d == 0:
-        return dq, dk
-    if n == 0 or m == 0:
-        return dq.zero_(), dk.zero_()
+    if d == 0 or n == 0 or m == 0:
+        return dq.zero_()[:, :d_true], dk.zero_()[:, :d_true]  # fmt: skip
     cfg = config or pick_config("bwd", arch_of(q.device), q.dtype, d)
-    fl = flags("bwd", cfg, d, self_offset, k1)
+    fl = flags("bwd", cfg, d, self_offset, k1, multilabel)
     fl.update(MODE=mode, DOT_PREC=dot_precision(q.dtype))
     g0, stat, g1 = _stat_in(g0), _stat_in(stat), _stat_in(g1)
     tail = (
@@ -303,6 +332,8 @@ def _backward(mode, g0, stat, g1, q, k, qlab, klab, self_offset, scale, w_pos, w
         "_bwd_dk_kernel", "bwd", m, d, cfg, fl,
         (q, k, qlab, klab, g0, stat, g1, dk, *tail, dk.stride(0), *consts),
     )  # fmt: skip
+    if d != d_true:
+        dq, dk = dq[:, :d_true], dk[:, :d_true]
     return dq, dk
 
 
@@ -319,11 +350,12 @@ def lse_bwd(
     w_pos: float,
     w_neg: float,
     k1: float,
+    multilabel: bool = False,
     config: TileConfig | None = None,
 ) -> tuple[Tensor, Tensor]:
     return _backward(
         K.MODE_LSE, g_lse, lse, g_psum, q, k, qlab, klab, self_offset, scale, w_pos, w_neg, k1,
-        config,
+        multilabel, config,
     )  # fmt: skip
 
 
@@ -336,10 +368,12 @@ def sp_bwd(
     eta: Tensor,
     self_offset: int,
     scale: float,
+    multilabel: bool = False,
     config: TileConfig | None = None,
 ) -> tuple[Tensor, Tensor]:
     # The softplus pass has no weights, no k1 and no second statistic: g1 is unused (pass
     # any [N] fp32 vector), log-weights are placeholders.
     return _backward(
-        K.MODE_SP, g_sp, eta, g_sp, q, k, qlab, klab, self_offset, scale, 1.0, 1.0, 0.0, config
-    )
+        K.MODE_SP, g_sp, eta, g_sp, q, k, qlab, klab, self_offset, scale, 1.0, 1.0, 0.0,
+        multilabel, config,
+    )  # fmt: skip

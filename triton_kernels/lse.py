@@ -23,7 +23,8 @@ Weights enter as log-weights (log 0 = −inf): a zero weight then contributes ex
 and the rest of the row is unchanged. The weighted sum costs one exponential per pair whatever
 the weights are, so the weights are runtime values; the flags that change the work per pair
 are compile-time: ``HAS_K1`` (TCL's second exponential stream), ``HAS_SELF`` (the self-column
-compare) and ``EVEN_D`` (no D-tail masks). ``MODE`` selects the lse or softplus gradient in the
+compare), ``MULTILABEL`` (bitmask labels: positive when they share a bit) and ``EVEN_D`` (no
+D-tail masks). ``MODE`` selects the lse or softplus gradient in the
 backward kernels.
 
 Saved for backward: the forward saves only the O(N) row statistics (lse, or η and r for the
@@ -32,9 +33,9 @@ softplus pass); the backward recomputes each similarity tile from q and k.
 Backward (deterministic, no atomics): two kernels per op.
 ``_bwd_dq_kernel`` owns BLOCK_M anchor rows × BLOCK_DO output features and streams over column
 tiles: recompute s, form G (fp32), dq_blk += G·k_tile[:, d-chunk]. ``_bwd_dk_kernel`` owns
-BLOCK_N columns × BLOCK_DO features and streams over anchor-row tiles computing the transposed
-tile sᵀ = k_blk·q_tileᵀ directly, so dk_blk += Gᵀ·q_tile[:, d-chunk] is again a plain
-row-block accumulation. Every output element is written once by one program, in a fixed
+BLOCK_N columns × BLOCK_DO features and streams over anchor-row tiles: it recomputes the same
+[BLOCK_M, BLOCK_N] tile (same operand order as the forward, so bit-identical s and an lse
+consistent with it) and accumulates dk_blk += Gᵀ·q_tile[:, d-chunk]. Every output element is written once by one program, in a fixed
 summation order: results are bitwise reproducible. The price is recomputing s twice (and once
 more per extra D-out chunk when D > BLOCK_DO), instead of atomically adding partial dk tiles.
 
@@ -46,12 +47,28 @@ unless PyTorch's own fp32 matmul precision allows TF32 (see ``launch.py``).
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+
+# Triton's CPU interpreter multiplies bfloat16 tiles wrongly in ``tl.dot`` (it computes on the
+# raw 16-bit patterns); under the interpreter bf16 operands are widened to fp32 first, which
+# gives the same result (bf16 products are exact in fp32, accumulation is fp32 either way).
+# Read once at import, without touching any GPU; compiled kernels never take this path.
+WIDEN_BF16: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 # Mode of the backward kernels.
 MODE_LSE = 0
 MODE_SP = 1
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_PREC: tl.constexpr):
+    """acc + a·b with fp32 accumulation (see WIDEN_BF16)."""
+    if WIDEN_BF16 and a.dtype == tl.bfloat16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PREC)
 
 
 @triton.jit
@@ -77,20 +94,33 @@ def _sim_tile(
     """
     acc = tl.zeros([BA, BB], dtype=tl.float32)
     offs_d = tl.arange(0, BLOCK_D)
-    # int64 row offsets: row·stride passes 2^31 for N·D ≥ 2^31 elements.
-    a_rows = a_ptr + offs_a.to(tl.int64)[:, None] * stride_a
-    b_rows = b_ptr + offs_b.to(tl.int64)[:, None] * stride_b
+    # A scalar int64 base per tile (row·stride passes 2^31 once N·D does) plus int32 offsets
+    # inside the tile: half the registers of an int64 pointer per element.
+    a0 = tl.min(offs_a, axis=0)
+    b0 = tl.min(offs_b, axis=0)
+    a_base = a_ptr + a0.to(tl.int64) * stride_a
+    b_base = b_ptr + b0.to(tl.int64) * stride_b
+    a_off = (offs_a - a0)[:, None] * stride_a
+    b_off = (offs_b - b0)[:, None] * stride_b
     for d0 in range(0, D, BLOCK_D):
         d = d0 + offs_d
         if EVEN_D:
-            a = tl.load(a_rows + d[None, :], mask=mask_a[:, None], other=0.0)
-            b = tl.load(b_rows + d[None, :], mask=mask_b[:, None], other=0.0)
+            a = tl.load(a_base + a_off + d[None, :], mask=mask_a[:, None], other=0.0)
+            b = tl.load(b_base + b_off + d[None, :], mask=mask_b[:, None], other=0.0)
         else:
             d_ok = d[None, :] < D
-            a = tl.load(a_rows + d[None, :], mask=mask_a[:, None] & d_ok, other=0.0)
-            b = tl.load(b_rows + d[None, :], mask=mask_b[:, None] & d_ok, other=0.0)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PREC)
+            a = tl.load(a_base + a_off + d[None, :], mask=mask_a[:, None] & d_ok, other=0.0)
+            b = tl.load(b_base + b_off + d[None, :], mask=mask_b[:, None] & d_ok, other=0.0)
+        acc = _mma(a, tl.trans(b), acc, DOT_PREC)
     return acc
+
+
+@triton.jit
+def _same(a, b, MULTILABEL: tl.constexpr):
+    """Positive-pair test of broadcast label tiles: equal class ids, or bitmasks that share a bit."""
+    if MULTILABEL:
+        return (a & b) != 0
+    return a == b
 
 
 @triton.jit
@@ -106,7 +136,9 @@ def _pair_masks(rows, cols, row_ok, col_ok, same, self_offset, HAS_SELF: tl.cons
 def _sigmoid_softplus(x):
     """σ(x) and softplus(x) without overflow: both from z = e^{−|x|} ∈ (0, 1]."""
     z = tl.exp(-tl.abs(x))
-    inv = 1.0 / (1.0 + z)
+    # Approximate (2-ulp) division: the IEEE-rounded one is a called subroutine on NVIDIA GPUs,
+    # and its call saves registers to the stack (reported as spills).
+    inv = tl.fdiv(tl.full(z.shape, 1.0, tl.float32), 1.0 + z, ieee_rounding=False)
     sig = tl.where(x >= 0, inv, z * inv)
     # log1p(z): log(1 + z) loses z's digits when z < ~1e-4; the series is exact there.
     log1p_z = tl.where(z < 1e-4, z * (1.0 - 0.5 * z), tl.log(1.0 + z))
@@ -135,6 +167,7 @@ def _lse_fwd_kernel(
     log_k1,
     HAS_K1: tl.constexpr,
     HAS_SELF: tl.constexpr,
+    MULTILABEL: tl.constexpr,
     EVEN_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -158,7 +191,7 @@ def _lse_fwd_kernel(
             q_ptr, k_ptr, offs_m, offs_n, row_ok, col_ok, stride_qm, stride_km, D,
             BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PREC,
         )  # fmt: skip
-        same = qlab[:, None] == klab[None, :]
+        same = _same(qlab[:, None], klab[None, :], MULTILABEL)
         pos, neg = _pair_masks(
             offs_m[:, None], offs_n[None, :], row_ok[:, None], col_ok[None, :], same,
             self_offset, HAS_SELF,
@@ -207,6 +240,7 @@ def _sp_fwd_kernel(
     self_offset,
     scale,
     HAS_SELF: tl.constexpr,
+    MULTILABEL: tl.constexpr,
     EVEN_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -229,7 +263,7 @@ def _sp_fwd_kernel(
             q_ptr, k_ptr, offs_m, offs_n, row_ok, col_ok, stride_qm, stride_km, D,
             BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PREC,
         )  # fmt: skip
-        same = qlab[:, None] == klab[None, :]
+        same = _same(qlab[:, None], klab[None, :], MULTILABEL)
         pos, _ = _pair_masks(
             offs_m[:, None], offs_n[None, :], row_ok[:, None], col_ok[None, :], same,
             self_offset, HAS_SELF,
@@ -304,6 +338,7 @@ def _bwd_dq_kernel(
     MODE: tl.constexpr,
     HAS_K1: tl.constexpr,
     HAS_SELF: tl.constexpr,
+    MULTILABEL: tl.constexpr,
     EVEN_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -334,7 +369,7 @@ def _bwd_dq_kernel(
             q_ptr, k_ptr, offs_m, offs_n, row_ok, col_ok, stride_qm, stride_km, D,
             BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PREC,
         )  # fmt: skip
-        same = qlab[:, None] == klab[None, :]
+        same = _same(qlab[:, None], klab[None, :], MULTILABEL)
         pos, neg = _pair_masks(
             offs_m[:, None], offs_n[None, :], row_ok[:, None], col_ok[None, :], same,
             self_offset, HAS_SELF,
@@ -348,7 +383,7 @@ def _bwd_dq_kernel(
             kd = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
         else:
             kd = tl.load(k_ptrs, mask=col_ok[:, None] & (offs_do[None, :] < D), other=0.0)
-        acc = tl.dot(g.to(kd.dtype), kd, acc, input_precision=DOT_PREC)
+        acc = _mma(g.to(kd.dtype), kd, acc, DOT_PREC)
 
     dq_ptrs = dq_ptr + offs_m.to(tl.int64)[:, None] * stride_dqm + offs_do[None, :]
     out_ok = row_ok[:, None] & (offs_do[None, :] < D)
@@ -379,6 +414,7 @@ def _bwd_dk_kernel(
     MODE: tl.constexpr,
     HAS_K1: tl.constexpr,
     HAS_SELF: tl.constexpr,
+    MULTILABEL: tl.constexpr,
     EVEN_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -388,8 +424,8 @@ def _bwd_dk_kernel(
 ):
     """dk[cols, d-chunk] = Σ over anchor-row tiles of Gᵀ_tile · q_tile[:, d-chunk].
 
-    Here the program owns BLOCK_N columns (the tile's first axis) and streams BLOCK_M anchor
-    rows (its second axis); the anchors' statistics broadcast along axis 0.
+    Here the program owns BLOCK_N columns and streams BLOCK_M anchor rows; each G tile is
+    formed as [BLOCK_M, BLOCK_N] exactly as in the dq kernel and enters the product transposed.
     """
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -409,18 +445,22 @@ def _bwd_dk_kernel(
         if MODE == 0:
             stat = tl.where(stat == float("-inf"), 0.0, stat)
             g1 = tl.load(g1_ptr + offs_m, mask=row_ok, other=0.0)
-        # sᵀ tile [BLOCK_N, BLOCK_M] = k_blk · q_tileᵀ.
-        st = _sim_tile(
-            k_ptr, q_ptr, offs_n, offs_m, col_ok, row_ok, stride_km, stride_qm, D,
-            BLOCK_N, BLOCK_M, BLOCK_D, EVEN_D, DOT_PREC,
+        # The tile is computed as in the forward and dq kernels, s = q_tile · k_blkᵀ with q as
+        # the left operand, and transposed afterwards: the same operations in the same order
+        # give the same s, so e^{scale·s − lse} is consistent with the forward's lse. (A
+        # directly computed sᵀ = k·qᵀ may differ in the last bit, which scale·|s| amplifies
+        # into the gradient for large-norm features.)
+        s = _sim_tile(
+            q_ptr, k_ptr, offs_m, offs_n, row_ok, col_ok, stride_qm, stride_km, D,
+            BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PREC,
         )  # fmt: skip
-        same = klab[:, None] == qlab[None, :]
+        same = _same(qlab[:, None], klab[None, :], MULTILABEL)
         pos, neg = _pair_masks(
-            offs_m[None, :], offs_n[:, None], row_ok[None, :], col_ok[:, None], same,
+            offs_m[:, None], offs_n[None, :], row_ok[:, None], col_ok[None, :], same,
             self_offset, HAS_SELF,
         )  # fmt: skip
-        gt = _grad_tile(
-            st, pos, neg, g0[None, :], stat[None, :], g1[None, :], scale, log_w_pos,
+        g = _grad_tile(
+            s, pos, neg, g0[:, None], stat[:, None], g1[:, None], scale, log_w_pos,
             log_w_neg, log_k1, MODE, HAS_K1,
         )  # fmt: skip
         q_ptrs = q_ptr + offs_m.to(tl.int64)[:, None] * stride_qm + offs_do[None, :]
@@ -428,7 +468,7 @@ def _bwd_dk_kernel(
             qd = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
         else:
             qd = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_do[None, :] < D), other=0.0)
-        acc = tl.dot(gt.to(qd.dtype), qd, acc, input_precision=DOT_PREC)
+        acc = _mma(tl.trans(g.to(qd.dtype)), qd, acc, DOT_PREC)
 
     dk_ptrs = dk_ptr + offs_n.to(tl.int64)[:, None] * stride_dkm + offs_do[None, :]
     out_ok = col_ok[:, None] & (offs_do[None, :] < D)

@@ -1,6 +1,9 @@
 """``flashcon::triton_*`` ops: the Triton launchers as ``torch.library.triton_op``s.
 
-Same argument order and types as the torch backend's ops in ``flashcon.engine``. ``triton_op``
+Same argument order and types as the torch backend's ops in ``flashcon.engine``, including
+the trailing ``multilabel`` (bitmask labels, a kernel flag) and ``pos_weight`` (SupContrast's
+``mask``: not in the kernels yet; such calls run ``torch_stream``, see ``_torch_path``). The
+symmetric ('all'-mode) ops are not provided: the engine then uses these rectangular ops. ``triton_op``
 registers each function itself as the fake implementation (the ``wrap_triton`` launches are
 skipped on fake tensors), so ``torch.compile`` sees through to the kernels and no separate
 ``register_fake`` is needed. :func:`flashcon.engine.register_backend_autograd` connects each
@@ -17,6 +20,14 @@ from flashcon.engine import register_backend_autograd
 from . import launch
 
 
+def _torch_path():
+    # SupContrast's dense ``mask`` (pos_weight) is not in the Triton kernels yet: those calls
+    # run the chunked PyTorch implementation of the same contract (O(chunk × M) memory).
+    from flashcon.backends import torch_stream
+
+    return torch_stream
+
+
 @torch.library.triton_op("flashcon::triton_lse_fwd", mutates_args=())
 def lse_fwd_op(
     q: Tensor,
@@ -28,8 +39,14 @@ def lse_fwd_op(
     w_pos: float,
     w_neg: float,
     k1: float,
+    multilabel: bool,
+    pos_weight: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return launch.lse_fwd(q, k, qlab, klab, self_offset, scale, w_pos, w_neg, k1)
+    if pos_weight is not None:
+        return _torch_path().lse_fwd(
+            q, k, qlab, klab, self_offset, scale, w_pos, w_neg, k1, multilabel, pos_weight
+        )
+    return launch.lse_fwd(q, k, qlab, klab, self_offset, scale, w_pos, w_neg, k1, multilabel)
 
 
 @torch.library.triton_op("flashcon::triton_lse_bwd", mutates_args=())
@@ -46,15 +63,31 @@ def lse_bwd_op(
     w_pos: float,
     w_neg: float,
     k1: float,
+    multilabel: bool,
+    pos_weight: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    return launch.lse_bwd(g_lse, g_psum, q, k, qlab, klab, lse, self_offset, scale, w_pos, w_neg, k1)
+    args = (g_lse, g_psum, q, k, qlab, klab, lse, self_offset, scale, w_pos, w_neg, k1, multilabel)
+    if pos_weight is not None:
+        return _torch_path().lse_bwd(*args, pos_weight)
+    return launch.lse_bwd(*args)
 
 
 @torch.library.triton_op("flashcon::triton_sp_fwd", mutates_args=())
 def sp_fwd_op(
-    q: Tensor, k: Tensor, qlab: Tensor, klab: Tensor, eta: Tensor, self_offset: int, scale: float
+    q: Tensor,
+    k: Tensor,
+    qlab: Tensor,
+    klab: Tensor,
+    eta: Tensor,
+    self_offset: int,
+    scale: float,
+    multilabel: bool,
+    pos_weight: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    return launch.sp_fwd(q, k, qlab, klab, eta, self_offset, scale)
+    args = (q, k, qlab, klab, eta, self_offset, scale, multilabel)
+    if pos_weight is not None:
+        return _torch_path().sp_fwd(*args, pos_weight)
+    return launch.sp_fwd(*args)
 
 
 @torch.library.triton_op("flashcon::triton_sp_bwd", mutates_args=())
@@ -67,8 +100,13 @@ def sp_bwd_op(
     eta: Tensor,
     self_offset: int,
     scale: float,
+    multilabel: bool,
+    pos_weight: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    return launch.sp_bwd(g_sp, q, k, qlab, klab, eta, self_offset, scale)
+    args = (g_sp, q, k, qlab, klab, eta, self_offset, scale, multilabel)
+    if pos_weight is not None:
+        return _torch_path().sp_bwd(*args, pos_weight)
+    return launch.sp_bwd(*args)
 
 
 OPS = (lse_fwd_op, lse_bwd_op, sp_fwd_op, sp_bwd_op)

@@ -83,6 +83,7 @@ def specs(archs, quick: bool) -> list[Spec]:
                     grid = {
                         "HAS_K1": (True,) if quick else (False, True),
                         "HAS_SELF": (True,) if quick else (False, True),
+                        "MULTILABEL": (True,) if quick else (False, True),
                         "EVEN_D": (False,) if quick else (False, True),
                     }
                     if not has_k1:
