@@ -51,8 +51,11 @@ def test_parity_fp32(backend, loss, b, v, d):
     tol = 2e-3 if backend == "triton" else 1e-4
     assert_close(val.cpu(), ref_val, atol=tol, rtol=tol, name="loss")
     for key in ref_g:
+        # An fp32 floor: some gradients are exactly 0 in float64 (B = 1: the only column is
+        # the positive), where fp32 leaves ~1e-7.
         scale = ref_g[key].abs().max().item()
-        assert_close(g[key].cpu(), ref_g[key], atol=tol * scale, rtol=10 * tol, name=f"d{key}")
+        atol = tol * scale + 1e-6
+        assert_close(g[key].cpu(), ref_g[key], atol=atol, rtol=10 * tol, name=f"d{key}")
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

@@ -52,10 +52,11 @@ CONFIGS: dict[tuple[int, str, int, str], TileConfig] = {
     # on (a second exponent tile and the mask tiles), and so does 64×64 over 4 warps on sm_80.
     (80, "fwd", 16, "any"): TileConfig(64, 64, 64, 0, 8, 2),
     (90, "fwd", 16, "any"): TileConfig(64, 64, 64, 0, 8, 2),
-    # Forward, fp32: "ieee" products are FMA in registers; 32×64 over 4 warps is spill-free
-    # on both (64×64 spills at 4 warps, and 8 warps cap ptxas at 128 registers and spill).
-    (80, "fwd", 32, "any"): TileConfig(32, 64, 32, 0, 4, 2),
-    (90, "fwd", 32, "any"): TileConfig(32, 64, 32, 0, 4, 2),
+    # Forward, fp32: "ieee" products are FMA in registers; 32×32 over 4 warps is spill-free
+    # on both for every flag set (32×64 spills with HAS_SELF on sm_90; 8 warps cap ptxas at
+    # 128 registers and spill).
+    (80, "fwd", 32, "any"): TileConfig(32, 32, 32, 0, 4, 2),
+    (90, "fwd", 32, "any"): TileConfig(32, 32, 32, 0, 4, 2),
     # Backward, 16-bit, wide D: s, G and the 64×128 fp32 output accumulator live together;
     # 8 warps hold them in ~170 registers, 4 warps spill.
     (80, "bwd", 16, "wide"): TileConfig(64, 64, 64, 128, 8, 2),
@@ -65,12 +66,14 @@ CONFIGS: dict[tuple[int, str, int, str], TileConfig] = {
     # some flag sets).
     (80, "bwd", 16, "narrow"): TileConfig(64, 32, 64, 64, 4, 2),
     (90, "bwd", 16, "narrow"): TileConfig(64, 32, 64, 64, 4, 2),
-    # Backward, fp32: G stays fp32 and "ieee" products are FMA in registers: 32×32 tiles are
-    # the largest that hold s, G and a 32×64 accumulator without spilling.
-    (80, "bwd", 32, "wide"): TileConfig(32, 32, 32, 64, 4, 2),
-    (90, "bwd", 32, "wide"): TileConfig(32, 32, 32, 64, 4, 2),
-    (80, "bwd", 32, "narrow"): TileConfig(32, 32, 32, 64, 4, 2),
-    (90, "bwd", 32, "narrow"): TileConfig(32, 32, 32, 64, 4, 2),
+    # Backward, fp32: G stays fp32 and "ieee" products are FMA in registers. 32×32 tiles with
+    # a 32-wide output chunk over 2 warps, unpipelined, leave 4 of 192 fp32 specialisations
+    # with a 16-byte spill (ptxas spills there below the register limit); 4 warps or two
+    # stages spill in more of them. Known defect, listed by the kernel report.
+    (80, "bwd", 32, "wide"): TileConfig(32, 32, 32, 32, 2, 1),
+    (90, "bwd", 32, "wide"): TileConfig(32, 32, 32, 32, 2, 1),
+    (80, "bwd", 32, "narrow"): TileConfig(32, 32, 32, 32, 2, 1),
+    (90, "bwd", 32, "narrow"): TileConfig(32, 32, 32, 32, 2, 1),
 }
 
 ARCHS = (80, 90)

@@ -174,6 +174,12 @@ def _lse_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    # Scalars arrive as fp64 when Inductor launches the kernel (torch.compile):
+    # pin them to fp32 so the loop-carried statistics keep one type.
+    scale = tl.cast(scale, tl.float32)
+    log_w_pos = tl.cast(log_w_pos, tl.float32)
+    log_w_neg = tl.cast(log_w_neg, tl.float32)
+    log_k1 = tl.cast(log_k1, tl.float32)
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < N
@@ -247,6 +253,7 @@ def _sp_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    scale = tl.cast(scale, tl.float32)
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < N
@@ -347,6 +354,10 @@ def _bwd_dq_kernel(
     BLOCK_DO: tl.constexpr,
 ):
     """dq[rows, d-chunk] = Σ over column tiles of G_tile · k_tile[:, d-chunk]."""
+    scale = tl.cast(scale, tl.float32)
+    log_w_pos = tl.cast(log_w_pos, tl.float32)
+    log_w_neg = tl.cast(log_w_neg, tl.float32)
+    log_k1 = tl.cast(log_k1, tl.float32)
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -427,6 +438,10 @@ def _bwd_dk_kernel(
     Here the program owns BLOCK_N columns and streams BLOCK_M anchor rows; each G tile is
     formed as [BLOCK_M, BLOCK_N] exactly as in the dq kernel and enters the product transposed.
     """
+    scale = tl.cast(scale, tl.float32)
+    log_w_pos = tl.cast(log_w_pos, tl.float32)
+    log_w_neg = tl.cast(log_w_neg, tl.float32)
+    log_k1 = tl.cast(log_k1, tl.float32)
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
