@@ -1,8 +1,8 @@
 """The ahead-of-time kernel report compiles (sm_80/sm_90, no GPU needed) and comes out clean.
 
-The test runs a quick subset (one architecture, one dtype, the heaviest flag set); the full
-report (``python -m flashcon.tools.kernel_report``) covers every specialisation and is run by
-hand and in CI.
+The test runs the quick subset (the heaviest flag set of each kernel, every dtype, sm_80 and
+sm_90); the full report (``python -m flashcon.tools.kernel_report``, about 6 minutes on two
+cores) covers every specialisation.
 """
 
 from __future__ import annotations
@@ -16,15 +16,20 @@ import pytest
 pytest.importorskip("triton")
 
 
-@pytest.mark.parametrize("arch", ["80", "90"])
-def test_kernel_report_quick(arch):
+def test_kernel_report_quick():
+    """Every kernel's heaviest flag set, every dtype, both architectures: clean."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "flashcon.tools.kernel_report", "--quick", "--arch", arch,
-           "--dtype", "bf16", "-j", "2"]  # fmt: skip
+    cmd = [sys.executable, "-m", "flashcon.tools.kernel_report", "--quick", "-j", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     assert "0 failing" in proc.stdout, out[-6000:]
-    # One row per specialisation, each with tensor-core instructions.
-    rows = [line for line in proc.stdout.splitlines() if f"sm_{arch}" in line]
-    assert rows and all(" ok" in line for line in rows), out[-6000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("lse_", "sp_", "bwd_"))]
+    assert len(rows) >= 16 and all(" ok" in line for line in rows), out[-6000:]
+    # 16-bit tile products use tensor cores: HMMA on sm_80, HGMMA (or HMMA) on sm_90.
+    for line in rows:
+        if "[bf16" in line or "[fp16" in line:
+            f = line.split()
+            at = next(i for i, x in enumerate(f) if x.startswith("sm_"))
+            hmma, hgmma = int(f[at + 4]), int(f[at + 5])
+            assert hmma + hgmma > 0, line
