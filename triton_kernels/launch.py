@@ -77,6 +77,11 @@ CONFIGS: dict[tuple[int, str, int, str], TileConfig] = {
 }
 
 ARCHS = (80, 90)
+MAXNREG = 255  # registers per thread the eager launches allow ptxas (see _launch)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _autotune_enabled() -> bool:
@@ -109,16 +114,41 @@ def pick_config(kind: str, arch: int, dtype: torch.dtype, d: int) -> TileConfig:
 
 
 def flags(
-    kind: str, cfg: TileConfig, d: int, self_offset: int, k1: float, multilabel: bool = False
+    kind: str,
+    cfg: TileConfig,
+    d: int,
+    self_offset: int,
+    k1: float,
+    multilabel: bool = False,
+    has_pw: bool = False,
 ) -> dict:
     """Compile-time flags the launchers pass (the kernel report enumerates the same set)."""
     chunk = cfg.block_d if kind == "fwd" else max(cfg.block_d, cfg.block_do)
     return {
         "HAS_K1": k1 > 0,
         "HAS_SELF": self_offset >= 0,
-        "MULTILABEL": bool(multilabel),
+        # With a mask the labels are ignored (the contract), so the label test is not compiled.
+        "MULTILABEL": bool(multilabel) and not has_pw,
+        "HAS_PW": bool(has_pw),
         "EVEN_D": d % chunk == 0,
     }
+
+
+def _pw_args(pos_weight: Tensor | None, like: Tensor, n: int, m: int) -> tuple:
+    """(mask, i mod Bq [N], j mod Bk [M], Bk) of SupContrast's [Bq, Bk] mask; placeholders
+    without one (never read: the kernel is compiled without HAS_PW)."""
+    if pos_weight is None:
+        return like, like, like, 1
+    if pos_weight.dim() != 2 or pos_weight.numel() == 0:
+        raise ValueError(
+            f"pos_weight must be a non-empty [Bq, Bk] matrix, got {tuple(pos_weight.shape)}"
+        )
+    if pos_weight.numel() >= 2**31:
+        raise ValueError(f"pos_weight has {pos_weight.numel()} entries; at most 2^31 - 1 supported")
+    pw = pos_weight.to(device=like.device, dtype=torch.float32).contiguous()
+    ridx = torch.arange(n, device=like.device, dtype=torch.int32) % pw.shape[0]
+    cidx = torch.arange(m, device=like.device, dtype=torch.int32) % pw.shape[1]
+    return pw, ridx, cidx, pw.shape[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,6 +245,8 @@ def _kernel(name: str):
         kind = "fwd" if "fwd" in name else "bwd"
         key = ["D", "HAS_SELF", "MULTILABEL", "DOT_PREC"]
         if name != "_sp_fwd_kernel":
+            key.append("HAS_PW")
+        if name != "_sp_fwd_kernel":
             key.append("HAS_K1")
         if kind == "bwd":
             key.append("MODE")
@@ -241,7 +273,14 @@ def _launch(name: str, kind: str, rows: int, d: int, cfg: TileConfig, fl: dict, 
     else:
         tiles["BLOCK_DO"] = cfg.block_do
         grid = (triton.cdiv(rows, own), triton.cdiv(d, cfg.block_do))
-    kern[grid](*args, **fl, **tiles, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    extra = {}
+    if not _interpreting() and not torch.compiler.is_compiling():
+        # ptxas otherwise sizes the register budget for occupancy and spills a few bytes in
+        # some specialisations with registers to spare; the kernel report compiles with the
+        # same option. (Inductor does not forward this launch option: under torch.compile the
+        # kernels get ptxas' default budget.)
+        extra["maxnreg"] = MAXNREG
+    kern[grid](*args, **fl, **tiles, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,6 +300,7 @@ def lse_fwd(
     k1: float,
     multilabel: bool = False,
     config: TileConfig | None = None,
+    pos_weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     q, k, qlab, klab, d = _prep(q, k, qlab, klab)
     n, m = q.shape[0], k.shape[0]
@@ -270,10 +310,11 @@ def lse_fwd(
     if n == 0:
         return lse, psum, pcnt
     cfg = config or pick_config("fwd", arch_of(q.device), q.dtype, d)
-    fl = flags("fwd", cfg, d, self_offset, k1, multilabel)
+    fl = flags("fwd", cfg, d, self_offset, k1, multilabel, pos_weight is not None)
     args = (
         q, k, qlab, klab, lse, psum, pcnt, n, m, d, q.stride(0), k.stride(0),
         max(self_offset, 0), float(scale), _log_w(w_pos), _log_w(w_neg), _log_w(k1),
+        *_pw_args(pos_weight, lse, n, m),
     )  # fmt: skip
     _launch("_lse_fwd_kernel", "fwd", n, d, cfg, {**fl, "DOT_PREC": dot_precision(q.dtype)}, args)
     return lse, psum, pcnt
@@ -298,7 +339,7 @@ def sp_fwd(
         return sp, r
     cfg = config or pick_config("fwd", arch_of(q.device), q.dtype, d)
     fl = flags("fwd", cfg, d, self_offset, 0.0, multilabel)
-    del fl["HAS_K1"]
+    del fl["HAS_K1"], fl["HAS_PW"]
     args = (
         q, k, qlab, klab, _stat_in(eta), sp, r, n, m, d, q.stride(0), k.stride(0),
         max(self_offset, 0), float(scale),
@@ -308,7 +349,22 @@ def sp_fwd(
 
 
 def _backward(
-    mode, g0, stat, g1, q, k, qlab, klab, self_offset, scale, w_pos, w_neg, k1, multilabel, config
+    mode,
+    g0,
+    stat,
+    g1,
+    q,
+    k,
+    qlab,
+    klab,
+    self_offset,
+    scale,
+    w_pos,
+    w_neg,
+    k1,
+    multilabel,
+    config,
+    pos_weight=None,
 ):
     d_true = q.shape[1]
     q, k, qlab, klab, d = _prep(q, k, qlab, klab)
@@ -320,13 +376,16 @@ def _backward(
     if d == 0 or n == 0 or m == 0:
         return dq.zero_()[:, :d_true], dk.zero_()[:, :d_true]  # fmt: skip
     cfg = config or pick_config("bwd", arch_of(q.device), q.dtype, d)
-    fl = flags("bwd", cfg, d, self_offset, k1, multilabel)
+    fl = flags("bwd", cfg, d, self_offset, k1, multilabel, pos_weight is not None)
     fl.update(MODE=mode, DOT_PREC=dot_precision(q.dtype))
     g0, stat, g1 = _stat_in(g0), _stat_in(stat), _stat_in(g1)
     tail = (
         n, m, d, q.stride(0), k.stride(0),
     )  # fmt: skip
-    consts = (max(self_offset, 0), float(scale), _log_w(w_pos), _log_w(w_neg), _log_w(k1))
+    consts = (
+        max(self_offset, 0), float(scale), _log_w(w_pos), _log_w(w_neg), _log_w(k1),
+        *_pw_args(pos_weight, g0, n, m),
+    )  # fmt: skip
     _launch(
         "_bwd_dq_kernel", "bwd", n, d, cfg, fl,
         (q, k, qlab, klab, g0, stat, g1, dq, *tail, dq.stride(0), *consts),
@@ -355,10 +414,11 @@ def lse_bwd(
     k1: float,
     multilabel: bool = False,
     config: TileConfig | None = None,
+    pos_weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     return _backward(
         K.MODE_LSE, g_lse, lse, g_psum, q, k, qlab, klab, self_offset, scale, w_pos, w_neg, k1,
-        multilabel, config,
+        multilabel, config, pos_weight,
     )  # fmt: skip
 
 

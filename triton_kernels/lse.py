@@ -124,6 +124,21 @@ def _same(a, b, MULTILABEL: tl.constexpr):
 
 
 @triton.jit
+def _pos_weight(offs_m, offs_n, row_ok, col_ok, pw_ptr, pw_ridx_ptr, pw_cidx_ptr, pw_cols):
+    """SupContrast's mask read per tile: m_ij = pos_weight[i mod Bq, j mod Bk] (fp32).
+
+    The launcher passes i mod Bq and j mod Bk as int32 vectors (O(N + M)): an integer
+    remainder by a runtime divisor in the tile loop costs a called subroutine (stack frame).
+    """
+    ri = tl.load(pw_ridx_ptr + offs_m, mask=row_ok, other=0)
+    ci = tl.load(pw_cidx_ptr + offs_n, mask=col_ok, other=0)
+    # int32 offsets (the launcher checks Bq·Bk < 2^31): an int64 offset per tile element
+    # doubles the registers of the load.
+    ptrs = pw_ptr + (ri[:, None] * pw_cols + ci[None, :])
+    return tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+
+
+@triton.jit
 def _pair_masks(rows, cols, row_ok, col_ok, same, self_offset, HAS_SELF: tl.constexpr):
     """(positive, negative) masks of a tile; ``rows``/``cols`` broadcast to the tile shape."""
     valid = row_ok & col_ok
@@ -165,9 +180,14 @@ def _lse_fwd_kernel(
     log_w_pos,
     log_w_neg,
     log_k1,
+    pw_ptr,
+    pw_ridx_ptr,
+    pw_cidx_ptr,
+    pw_cols,
     HAS_K1: tl.constexpr,
     HAS_SELF: tl.constexpr,
     MULTILABEL: tl.constexpr,
+    HAS_PW: tl.constexpr,
     EVEN_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -198,17 +218,29 @@ def _lse_fwd_kernel(
             BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PREC,
         )  # fmt: skip
         same = _same(qlab[:, None], klab[None, :], MULTILABEL)
+        if HAS_PW:
+            w = _pos_weight(
+                offs_m, offs_n, row_ok, col_ok, pw_ptr, pw_ridx_ptr, pw_cidx_ptr, pw_cols
+            )
+            same = w > 0
         pos, neg = _pair_masks(
             offs_m[:, None], offs_n[None, :], row_ok[:, None], col_ok[None, :], same,
             self_offset, HAS_SELF,
         )  # fmt: skip
+        # Positive weights: their log enters the exponents, the weight itself psum and pcnt.
+        if HAS_PW:
+            mw = tl.where(pos, w, 0.0)
+            logm = tl.log(tl.where(pos, w, 1.0))
+        else:
+            mw = pos.to(tl.float32)
+            logm = 0.0
         # Exponent of each term of the weighted sum; −inf where the pair has no term.
-        t = tl.where(pos, scale * s + log_w_pos, float("-inf"))
+        t = tl.where(pos, scale * s + log_w_pos + logm, float("-inf"))
         t = tl.where(neg, scale * s + log_w_neg, t)
         m_new = tl.maximum(m_i, tl.max(t, axis=1))
         if HAS_K1:
             # TCL's k1·e^{−s} term (no temperature): exponent log(k1) − s, same running max.
-            t1 = tl.where(pos, log_k1 - s, float("-inf"))
+            t1 = tl.where(pos, log_k1 + logm - s, float("-inf"))
             m_new = tl.maximum(m_new, tl.max(t1, axis=1))
         # A row with no term yet keeps m = −inf; shift by 0 there so that no −inf − (−inf)
         # (NaN) is formed: every e^{t − 0} with t = −inf is 0 and l stays 0.
@@ -217,8 +249,8 @@ def _lse_fwd_kernel(
         if HAS_K1:
             l_i += tl.sum(tl.exp(t1 - m_use[:, None]), axis=1)
         m_i = m_new
-        psum += tl.sum(tl.where(pos, s, 0.0), axis=1)
-        pcnt += tl.sum(pos.to(tl.float32), axis=1)
+        psum += tl.sum(tl.where(pos, mw * s, 0.0), axis=1)
+        pcnt += tl.sum(mw, axis=1)
 
     # l_i = 0 exactly when m_i = −inf (no term): lse = −inf, as the contract says (log is
     # taken of 1 there so that no log 0 is evaluated).
@@ -297,6 +329,8 @@ def _grad_tile(
     log_w_pos,
     log_w_neg,
     log_k1,
+    logm,
+    mw,
     MODE: tl.constexpr,
     HAS_K1: tl.constexpr,
 ):
@@ -309,12 +343,12 @@ def _grad_tile(
     if MODE == 0:
         # Same exponents as the forward; absent terms are −inf and give exactly 0, and so
         # does every pair of a row whose lse is −inf (stat = 0 there, all terms −inf).
-        t = tl.where(pos, scale * s + log_w_pos, float("-inf"))
+        t = tl.where(pos, scale * s + log_w_pos + logm, float("-inf"))
         t = tl.where(neg, scale * s + log_w_neg, t)
         g = scale * tl.exp(t - stat)
         if HAS_K1:
-            g -= tl.exp(tl.where(pos, log_k1 - s, float("-inf")) - stat)
-        g = g0 * g + tl.where(pos, g1, 0.0)
+            g -= tl.exp(tl.where(pos, log_k1 + logm - s, float("-inf")) - stat)
+        g = g0 * g + tl.where(pos, g1 * mw, 0.0)
     else:
         sig, _ = _sigmoid_softplus(stat - scale * s)
         g = tl.where(pos, -(g0 * scale) * sig, 0.0)
@@ -342,10 +376,15 @@ def _bwd_dq_kernel(
     log_w_pos,
     log_w_neg,
     log_k1,
+    pw_ptr,
+    pw_ridx_ptr,
+    pw_cidx_ptr,
+    pw_cols,
     MODE: tl.constexpr,
     HAS_K1: tl.constexpr,
     HAS_SELF: tl.constexpr,
     MULTILABEL: tl.constexpr,
+    HAS_PW: tl.constexpr,
     EVEN_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -381,13 +420,25 @@ def _bwd_dq_kernel(
             BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PREC,
         )  # fmt: skip
         same = _same(qlab[:, None], klab[None, :], MULTILABEL)
+        if HAS_PW:
+            w = _pos_weight(
+                offs_m, offs_n, row_ok, col_ok, pw_ptr, pw_ridx_ptr, pw_cidx_ptr, pw_cols
+            )
+            same = w > 0
         pos, neg = _pair_masks(
             offs_m[:, None], offs_n[None, :], row_ok[:, None], col_ok[None, :], same,
             self_offset, HAS_SELF,
         )  # fmt: skip
+        # Positive weights: their log enters the exponents, the weight itself psum and pcnt.
+        if HAS_PW:
+            mw = tl.where(pos, w, 0.0)
+            logm = tl.log(tl.where(pos, w, 1.0))
+        else:
+            mw = pos.to(tl.float32)
+            logm = 0.0
         g = _grad_tile(
             s, pos, neg, g0[:, None], stat[:, None], g1[:, None], scale, log_w_pos,
-            log_w_neg, log_k1, MODE, HAS_K1,
+            log_w_neg, log_k1, logm, mw, MODE, HAS_K1,
         )  # fmt: skip
         k_ptrs = k_ptr + offs_n.to(tl.int64)[:, None] * stride_km + offs_do[None, :]
         if EVEN_D:
@@ -422,10 +473,15 @@ def _bwd_dk_kernel(
     log_w_pos,
     log_w_neg,
     log_k1,
+    pw_ptr,
+    pw_ridx_ptr,
+    pw_cidx_ptr,
+    pw_cols,
     MODE: tl.constexpr,
     HAS_K1: tl.constexpr,
     HAS_SELF: tl.constexpr,
     MULTILABEL: tl.constexpr,
+    HAS_PW: tl.constexpr,
     EVEN_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -470,13 +526,25 @@ def _bwd_dk_kernel(
             BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PREC,
         )  # fmt: skip
         same = _same(qlab[:, None], klab[None, :], MULTILABEL)
+        if HAS_PW:
+            w = _pos_weight(
+                offs_m, offs_n, row_ok, col_ok, pw_ptr, pw_ridx_ptr, pw_cidx_ptr, pw_cols
+            )
+            same = w > 0
         pos, neg = _pair_masks(
             offs_m[:, None], offs_n[None, :], row_ok[:, None], col_ok[None, :], same,
             self_offset, HAS_SELF,
         )  # fmt: skip
+        # Positive weights: their log enters the exponents, the weight itself psum and pcnt.
+        if HAS_PW:
+            mw = tl.where(pos, w, 0.0)
+            logm = tl.log(tl.where(pos, w, 1.0))
+        else:
+            mw = pos.to(tl.float32)
+            logm = 0.0
         g = _grad_tile(
             s, pos, neg, g0[:, None], stat[:, None], g1[:, None], scale, log_w_pos,
-            log_w_neg, log_k1, MODE, HAS_K1,
+            log_w_neg, log_k1, logm, mw, MODE, HAS_K1,
         )  # fmt: skip
         q_ptrs = q_ptr + offs_m.to(tl.int64)[:, None] * stride_qm + offs_do[None, :]
         if EVEN_D:

@@ -2,7 +2,8 @@
 
 Same argument order and types as the torch backend's ops in ``flashcon.engine``, including
 the trailing ``multilabel`` (bitmask labels, a kernel flag) and ``pos_weight`` (SupContrast's
-``mask``: not in the kernels yet; such calls run ``torch_stream``, see ``_torch_path``). The
+``mask``, read per tile by the log-sum-exp kernels, flag ``HAS_PW``; the corners no loss calls,
+a mask with k1 > 0 or in the softplus pass, run ``torch_stream``, see ``_torch_path``). The
 symmetric ('all'-mode) ops are not provided: the engine then uses these rectangular ops. ``triton_op``
 registers each function itself as the fake implementation (the ``wrap_triton`` launches are
 skipped on fake tensors), so ``torch.compile`` sees through to the kernels and no separate
@@ -21,8 +22,9 @@ from . import launch
 
 
 def _torch_path():
-    # SupContrast's dense ``mask`` (pos_weight) is not in the Triton kernels yet: those calls
-    # run the chunked PyTorch implementation of the same contract (O(chunk × M) memory).
+    # Positive weights together with TCL's k1 term, or in the softplus pass, are no loss's
+    # call (only SupCon takes a mask, with k1 = 0): those contract corners run the chunked
+    # PyTorch implementation (O(chunk × M) memory) instead of more kernel specialisations.
     from flashcon.backends import torch_stream
 
     return torch_stream
@@ -42,11 +44,13 @@ def lse_fwd_op(
     multilabel: bool,
     pos_weight: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if pos_weight is not None:
+    if pos_weight is not None and k1 > 0:
         return _torch_path().lse_fwd(
             q, k, qlab, klab, self_offset, scale, w_pos, w_neg, k1, multilabel, pos_weight
         )
-    return launch.lse_fwd(q, k, qlab, klab, self_offset, scale, w_pos, w_neg, k1, multilabel)
+    return launch.lse_fwd(
+        q, k, qlab, klab, self_offset, scale, w_pos, w_neg, k1, multilabel, pos_weight=pos_weight
+    )
 
 
 @torch.library.triton_op("flashcon::triton_lse_bwd", mutates_args=())
@@ -67,9 +71,9 @@ def lse_bwd_op(
     pos_weight: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     args = (g_lse, g_psum, q, k, qlab, klab, lse, self_offset, scale, w_pos, w_neg, k1, multilabel)
-    if pos_weight is not None:
+    if pos_weight is not None and k1 > 0:
         return _torch_path().lse_bwd(*args, pos_weight)
-    return launch.lse_bwd(*args)
+    return launch.lse_bwd(*args, pos_weight=pos_weight)
 
 
 @torch.library.triton_op("flashcon::triton_sp_fwd", mutates_args=())

@@ -81,17 +81,26 @@ def specs(archs, quick: bool) -> list[Spec]:
                 for mode in modes:
                     has_k1 = kernel == "_lse_fwd_kernel" or mode == 0
                     grid = {
-                        "HAS_K1": (True,) if quick else (False, True),
+                        "HAS_K1": (False, True),
                         "HAS_SELF": (True,) if quick else (False, True),
-                        "MULTILABEL": (True,) if quick else (False, True),
+                        "MULTILABEL": (False, True),
+                        "HAS_PW": (False, True),
                         "EVEN_D": (False,) if quick else (False, True),
                     }
                     if not has_k1:
                         grid["HAS_K1"] = (False,)
+                        grid["HAS_PW"] = (False,)  # the softplus pass never gets a mask
                     for vals in itertools.product(*grid.values()):
                         fl = dict(zip(grid, vals))
+                        if fl["HAS_PW"] and (fl["MULTILABEL"] or fl["HAS_K1"]):
+                            # A mask replaces the labels (launchers clear MULTILABEL); with k1
+                            # the ops run torch_stream (see triton_kernels/ops.py).
+                            continue
+                        heavy = fl["HAS_PW"] or (fl["MULTILABEL"] and (fl["HAS_K1"] or not has_k1))
+                        if quick and not heavy:
+                            continue  # quick: the heaviest set with labels, and with a mask
                         if kernel == "_sp_fwd_kernel":
-                            del fl["HAS_K1"]
+                            del fl["HAS_K1"], fl["HAS_PW"]
                         if mode is not None:
                             fl = {"MODE": mode, **fl}
                         flt = tuple(fl.items())
@@ -119,6 +128,8 @@ def _signature(fn, spec: Spec) -> tuple[dict, dict, dict]:
             sig[name] = ptr
         elif name in ("qlab_ptr", "klab_ptr"):
             sig[name] = "*i64"
+        elif name in ("pw_ridx_ptr", "pw_cidx_ptr"):
+            sig[name] = "*i32"
         elif name.endswith("_ptr"):
             sig[name] = "*fp32"
         elif name in ("scale", "log_w_pos", "log_w_neg", "log_k1"):
@@ -132,6 +143,12 @@ def _signature(fn, spec: Spec) -> tuple[dict, dict, dict]:
         if sig[name].startswith("*") or aligned:
             attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, const, attrs
+
+
+def launch_maxnreg() -> int:
+    from flashcon.triton_kernels import launch
+
+    return launch.MAXNREG
 
 
 def _tools() -> Path:
@@ -159,7 +176,7 @@ def compile_one(spec: Spec) -> dict:
         ck = triton.compile(
             src,
             target=GPUTarget("cuda", spec.arch, 32),
-            options={"num_warps": warps, "num_stages": stages},
+            options={"num_warps": warps, "num_stages": stages, "maxnreg": launch_maxnreg()},
         )
         row["compile_s"] = time.time() - t0
         cubin = ck.asm["cubin"]
