@@ -57,6 +57,10 @@ CONFIGS: dict[tuple[int, str, int, str], TileConfig] = {
     # 128 registers and spill).
     (80, "fwd", 32, "any"): TileConfig(32, 32, 32, 0, 4, 2),
     (90, "fwd", 32, "any"): TileConfig(32, 32, 32, 0, 4, 2),
+    # Softplus pass, fp32: σ and softplus of every pair hold more live values than the LSE
+    # update; at 32×32 over 4 warps one flag set spilled 8 B at sm_80's 255 registers.
+    (80, "sp", 32, "any"): TileConfig(32, 32, 16, 0, 4, 2),
+    (90, "sp", 32, "any"): TileConfig(32, 32, 16, 0, 4, 2),
     # Backward, 16-bit, wide D: s, G and the 64×128 fp32 output accumulator live together;
     # 8 warps hold them in ~170 registers, 4 warps spill.
     (80, "bwd", 16, "wide"): TileConfig(64, 64, 64, 128, 8, 2),
@@ -108,8 +112,12 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def pick_config(kind: str, arch: int, dtype: torch.dtype, d: int) -> TileConfig:
+    """Tiles of ``kind`` 'fwd', 'sp' (the softplus pass; the forward's tiles unless the table
+    has its own) or 'bwd'."""
     bits = 32 if dtype == torch.float32 else 16
-    bucket = "any" if kind == "fwd" else d_bucket(d)
+    bucket = "any" if kind in ("fwd", "sp") else d_bucket(d)
+    if kind == "sp":
+        return CONFIGS.get((arch, "sp", bits, bucket), CONFIGS[(arch, "fwd", bits, bucket)])
     return CONFIGS[(arch, kind, bits, bucket)]
 
 
@@ -337,7 +345,7 @@ def sp_fwd(
     r = q.new_empty((n,), dtype=torch.float32)
     if n == 0:
         return sp, r
-    cfg = config or pick_config("fwd", arch_of(q.device), q.dtype, d)
+    cfg = config or pick_config("sp", arch_of(q.device), q.dtype, d)
     fl = flags("fwd", cfg, d, self_offset, 0.0, multilabel)
     del fl["HAS_K1"], fl["HAS_PW"]
     args = (

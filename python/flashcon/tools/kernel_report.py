@@ -75,7 +75,12 @@ def specs(archs, quick: bool) -> list[Spec]:
             kind = "fwd" if "fwd" in kernel else "bwd"
             buckets = ("any",) if kind == "fwd" else ("narrow", "wide")
             for bucket in buckets:
-                c = launch.CONFIGS[(arch, kind, bits, bucket)]
+                c = launch.pick_config(
+                    "sp" if kernel == "_sp_fwd_kernel" else kind,
+                    arch,
+                    {16: launch.torch.float16, 32: launch.torch.float32}[bits],
+                    64 if bucket in ("narrow", "any") else 128,
+                )
                 cfg = (c.block_m, c.block_n, c.block_d, c.block_do, c.num_warps, c.num_stages)
                 modes = (0, 1) if kind == "bwd" else (None,)
                 for mode in modes:
