@@ -10,7 +10,7 @@ import torch
 
 from flashcon.backends import torch_stream
 from flashcon.engine import cpp_available
-from flashcon.testing import LOSSES, assert_close, loss_fn, make_inputs, value_and_grads
+from flashcon.testing import LOSSES, OPTIONS, assert_close, loss_fn, make_inputs, value_and_grads
 
 _OK, _WHY = cpp_available("cpu")
 pytestmark = pytest.mark.skipif(not _OK, reason=f"flashcon._C is not available: {_WHY}")
@@ -21,16 +21,6 @@ if _OK:
 # (B, V, D): N = B·V anchors (V = 0: [N, D] features). N of 1, 3, 37, 130; D of 1, 7, 96, 130;
 # V of 1, 2, 3. 65·2 = 130 rows cross the kernel's 128-row block.
 SHAPES = [(1, 0, 7), (3, 1, 1), (37, 0, 96), (13, 3, 7), (65, 2, 130), (12, 3, 96)]
-OPTIONS = {
-    "supcon": [{}, {"temperature": 0.1, "base_temperature": 0.07}],
-    "supcon_in": [{}],
-    "supcon_one": [{}],
-    "ntxent": [{}],
-    "sincere": [{}, {"temperature": 0.5}],
-    "genscl": [{}],
-    "tcl": [{}, {"k1": 0.0, "k2": 2.0}, {"k1": 10.0, "k2": 0.0}],
-    "esupcon": [{}, {"prototype_anchors": False, "base_temperature": 0.2}],
-}
 TOL = {torch.float64: (1e-10, 1e-9), torch.float32: (2e-5, 2e-4)}
 
 

@@ -7,19 +7,9 @@ import torch
 
 from flashcon.backends import torch_stream
 from flashcon.engine import _TORCH_OPS
-from flashcon.testing import LOSSES, assert_close, loss_fn, make_inputs, value_and_grads
+from flashcon.testing import LOSSES, OPTIONS, assert_close, loss_fn, make_inputs, value_and_grads
 
 SHAPES = [(1, 0, 3), (3, 1, 7), (5, 2, 1), (7, 3, 16), (37, 2, 33), (65, 2, 130)]
-OPTIONS = {
-    "supcon": [{}, {"temperature": 0.1, "base_temperature": 0.07}],
-    "supcon_in": [{}],
-    "supcon_one": [{}],
-    "ntxent": [{}],
-    "sincere": [{}, {"temperature": 0.5}],
-    "genscl": [{}],
-    "tcl": [{}, {"k1": 0.0, "k2": 2.0}, {"k1": 10.0, "k2": 0.0}],
-    "esupcon": [{}, {"prototype_anchors": False, "base_temperature": 0.2}],
-}
 
 
 def _cases():

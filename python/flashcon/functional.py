@@ -195,7 +195,7 @@ def _reduce(rows_sum: Tensor, n_anchors_global, world: int) -> Tensor:
     return rows_sum * (world / n_anchors_global)
 
 
-def _check_streaming(eng: Engine | None, gather: bool, queue, what: str) -> None:
+def _check_streaming(eng: Engine | None, gather: bool, what: str) -> None:
     if eng is None and gather:
         raise ValueError(
             f"{what}: gather_distributed=True needs a streaming backend "
@@ -267,7 +267,7 @@ def supcon_loss(
     if labels is not None and mask is not None:
         raise ValueError("supcon_loss: pass either labels or mask, not both")
     eng = _engine_for(backend, z)
-    _check_streaming(eng, gather_distributed, queue, "supcon_loss")
+    _check_streaming(eng, gather_distributed, "supcon_loss")
     if mask is not None and eng is not None:
         return _supcon_masked(
             eng, z, b, mask, t, tb, contrast_mode, variant, gather_distributed, queue
@@ -288,7 +288,7 @@ def supcon_loss(
         y = _sample_ids(b, z.device, gather_distributed, group)
     y = y.repeat(v)
     if queue is not None and labels is None:
-        queue = _negatives_only(queue)
+        queue = _NegativesOnly(queue)  # type: ignore[assignment]
     c = _contrast(z, y, gather=gather_distributed, group=group, queue=queue, multilabel=ml)
     na = b if contrast_mode == "one" else z.shape[0]
     q, qlab = _anchors(z, y, na)
@@ -343,10 +343,6 @@ class _NegativesOnly:
         return qz, -1 - torch.arange(qz.shape[0], device=qz.device)
 
 
-def _negatives_only(queue: MemoryQueue) -> MemoryQueue:
-    return _NegativesOnly(queue)  # type: ignore[return-value]
-
-
 @_no_autocast
 def ntxent_loss(
     features: Tensor,
@@ -397,7 +393,7 @@ def sincere_loss(
     z, b, v = V.flatten_features(features, "features")
     t = V.check_temperature(temperature, "temperature")
     eng = _engine_for(backend, z)
-    _check_streaming(eng, gather_distributed, queue, "sincere_loss")
+    _check_streaming(eng, gather_distributed, "sincere_loss")
     if eng is None:
         return R.sincere_loss(features, labels, temperature=t, queue=queue)
     y, ml = V.check_label_input(labels, b, z, required=True)
@@ -434,7 +430,7 @@ def genscl_loss(
     t = V.check_temperature(temperature, "temperature")
     tb = V.check_temperature(base_temperature, "base_temperature")
     eng = _engine_for(backend, z)
-    _check_streaming(eng, gather_distributed, queue, "genscl_loss")
+    _check_streaming(eng, gather_distributed, "genscl_loss")
     if eng is None:
         return R.genscl_loss(features, soft_labels, temperature=t, base_temperature=tb, queue=queue)
     acc = _acc(z)
@@ -496,7 +492,7 @@ def tcl_loss(
     k1 = V.check_nonneg(k1, "k1")
     k2 = V.check_nonneg(k2, "k2")
     eng = _engine_for(backend, z)
-    _check_streaming(eng, gather_distributed, queue, "tcl_loss")
+    _check_streaming(eng, gather_distributed, "tcl_loss")
     if eng is None:
         return R.tcl_loss(features, labels, temperature=t, k1=k1, k2=k2, queue=queue)
     y, ml = V.check_label_input(labels, b, z, required=True)
@@ -555,7 +551,7 @@ def esupcon_loss(
         tb = V.check_temperature(base_temperature, "base_temperature")
     k_cls = V.check_prototypes(prototypes, z)
     eng = _engine_for(backend, z)
-    _check_streaming(eng, gather_distributed, queue, "esupcon_loss")
+    _check_streaming(eng, gather_distributed, "esupcon_loss")
     if eng is None:
         return R.esupcon_loss(
             features,

@@ -12,6 +12,18 @@ from . import reference as R
 
 LOSSES = ("supcon", "supcon_in", "supcon_one", "ntxent", "sincere", "genscl", "tcl", "esupcon")
 
+# The option sets every backend's parity grid runs, per loss (defaults first).
+OPTIONS = {
+    "supcon": [{}, {"temperature": 0.1, "base_temperature": 0.07}],
+    "supcon_in": [{}],
+    "supcon_one": [{}],
+    "ntxent": [{}],
+    "sincere": [{}, {"temperature": 0.5}],
+    "genscl": [{}],
+    "tcl": [{}, {"k1": 0.0, "k2": 2.0}, {"k1": 10.0, "k2": 0.0}],
+    "esupcon": [{}, {"prototype_anchors": False, "base_temperature": 0.2}],
+}
+
 
 def assert_close(
     actual: Tensor, expected: Tensor, *, atol: float, rtol: float, name: str = "value"
