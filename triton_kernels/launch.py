@@ -28,6 +28,8 @@ import triton
 from torch import Tensor
 from torch.library import wrap_triton
 
+from flashcon.engine import _interpreting
+
 from . import lse as K
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
@@ -82,10 +84,6 @@ CONFIGS: dict[tuple[int, str, int, str], TileConfig] = {
 
 ARCHS = (80, 90)
 MAXNREG = 255  # registers per thread the eager launches allow ptxas (see _launch)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _autotune_enabled() -> bool:

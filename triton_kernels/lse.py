@@ -148,6 +148,31 @@ def _pair_masks(rows, cols, row_ok, col_ok, same, self_offset, HAS_SELF: tl.cons
 
 
 @triton.jit
+def _pair_weights(
+    offs_m, offs_n, row_ok, col_ok, qlab, klab, self_offset, pw_ptr, pw_ridx_ptr, pw_cidx_ptr,
+    pw_cols, HAS_SELF: tl.constexpr, MULTILABEL: tl.constexpr, HAS_PW: tl.constexpr,
+):  # fmt: skip
+    """(positive, negative, m_ij, log m_ij) of a tile, the same in the forward and both
+    backward kernels: m_ij is 1 on label positives or the mask's weight; its log enters the
+    exponents, m_ij itself psum, pcnt and the g_psum term."""
+    same = _same(qlab[:, None], klab[None, :], MULTILABEL)
+    if HAS_PW:
+        w = _pos_weight(offs_m, offs_n, row_ok, col_ok, pw_ptr, pw_ridx_ptr, pw_cidx_ptr, pw_cols)
+        same = w > 0
+    pos, neg = _pair_masks(
+        offs_m[:, None], offs_n[None, :], row_ok[:, None], col_ok[None, :], same, self_offset,
+        HAS_SELF,
+    )  # fmt: skip
+    if HAS_PW:
+        mw = tl.where(pos, w, 0.0)
+        logm = tl.log(tl.where(pos, w, 1.0))
+    else:
+        mw = pos.to(tl.float32)
+        logm = tl.zeros_like(mw)
+    return pos, neg, mw, logm
+
+
+@triton.jit
 def _sigmoid_softplus(x):
     """σ(x) and softplus(x) without overflow: both from z = e^{−|x|} ∈ (0, 1]."""
     z = tl.exp(-tl.abs(x))
@@ -217,23 +242,10 @@ def _lse_fwd_kernel(
             q_ptr, k_ptr, offs_m, offs_n, row_ok, col_ok, stride_qm, stride_km, D,
             BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PREC,
         )  # fmt: skip
-        same = _same(qlab[:, None], klab[None, :], MULTILABEL)
-        if HAS_PW:
-            w = _pos_weight(
-                offs_m, offs_n, row_ok, col_ok, pw_ptr, pw_ridx_ptr, pw_cidx_ptr, pw_cols
-            )
-            same = w > 0
-        pos, neg = _pair_masks(
-            offs_m[:, None], offs_n[None, :], row_ok[:, None], col_ok[None, :], same,
-            self_offset, HAS_SELF,
+        pos, neg, mw, logm = _pair_weights(
+            offs_m, offs_n, row_ok, col_ok, qlab, klab, self_offset, pw_ptr, pw_ridx_ptr,
+            pw_cidx_ptr, pw_cols, HAS_SELF, MULTILABEL, HAS_PW,
         )  # fmt: skip
-        # Positive weights: their log enters the exponents, the weight itself psum and pcnt.
-        if HAS_PW:
-            mw = tl.where(pos, w, 0.0)
-            logm = tl.log(tl.where(pos, w, 1.0))
-        else:
-            mw = pos.to(tl.float32)
-            logm = 0.0
         # Exponent of each term of the weighted sum; −inf where the pair has no term.
         t = tl.where(pos, scale * s + log_w_pos + logm, float("-inf"))
         t = tl.where(neg, scale * s + log_w_neg, t)
@@ -419,23 +431,10 @@ def _bwd_dq_kernel(
             q_ptr, k_ptr, offs_m, offs_n, row_ok, col_ok, stride_qm, stride_km, D,
             BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PREC,
         )  # fmt: skip
-        same = _same(qlab[:, None], klab[None, :], MULTILABEL)
-        if HAS_PW:
-            w = _pos_weight(
-                offs_m, offs_n, row_ok, col_ok, pw_ptr, pw_ridx_ptr, pw_cidx_ptr, pw_cols
-            )
-            same = w > 0
-        pos, neg = _pair_masks(
-            offs_m[:, None], offs_n[None, :], row_ok[:, None], col_ok[None, :], same,
-            self_offset, HAS_SELF,
+        pos, neg, mw, logm = _pair_weights(
+            offs_m, offs_n, row_ok, col_ok, qlab, klab, self_offset, pw_ptr, pw_ridx_ptr,
+            pw_cidx_ptr, pw_cols, HAS_SELF, MULTILABEL, HAS_PW,
         )  # fmt: skip
-        # Positive weights: their log enters the exponents, the weight itself psum and pcnt.
-        if HAS_PW:
-            mw = tl.where(pos, w, 0.0)
-            logm = tl.log(tl.where(pos, w, 1.0))
-        else:
-            mw = pos.to(tl.float32)
-            logm = 0.0
         g = _grad_tile(
             s, pos, neg, g0[:, None], stat[:, None], g1[:, None], scale, log_w_pos,
             log_w_neg, log_k1, logm, mw, MODE, HAS_K1,
@@ -525,23 +524,10 @@ def _bwd_dk_kernel(
             q_ptr, k_ptr, offs_m, offs_n, row_ok, col_ok, stride_qm, stride_km, D,
             BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PREC,
         )  # fmt: skip
-        same = _same(qlab[:, None], klab[None, :], MULTILABEL)
-        if HAS_PW:
-            w = _pos_weight(
-                offs_m, offs_n, row_ok, col_ok, pw_ptr, pw_ridx_ptr, pw_cidx_ptr, pw_cols
-            )
-            same = w > 0
-        pos, neg = _pair_masks(
-            offs_m[:, None], offs_n[None, :], row_ok[:, None], col_ok[None, :], same,
-            self_offset, HAS_SELF,
+        pos, neg, mw, logm = _pair_weights(
+            offs_m, offs_n, row_ok, col_ok, qlab, klab, self_offset, pw_ptr, pw_ridx_ptr,
+            pw_cidx_ptr, pw_cols, HAS_SELF, MULTILABEL, HAS_PW,
         )  # fmt: skip
-        # Positive weights: their log enters the exponents, the weight itself psum and pcnt.
-        if HAS_PW:
-            mw = tl.where(pos, w, 0.0)
-            logm = tl.log(tl.where(pos, w, 1.0))
-        else:
-            mw = pos.to(tl.float32)
-            logm = 0.0
         g = _grad_tile(
             s, pos, neg, g0[:, None], stat[:, None], g1[:, None], scale, log_w_pos,
             log_w_neg, log_k1, logm, mw, MODE, HAS_K1,
