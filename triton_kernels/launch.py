@@ -1,5 +1,9 @@
 """Launchers of the Triton engine kernels: checks, allocation, tile choice, grid, strides.
 
+The general kernels (``lse.py``) take q [N, D] against k [M, D]; the symmetric 'all'-mode
+launchers (``sym_*``) run ``sym.py``'s tile-pair kernels, with the general kernels as the
+fallback the device chooses (``sym_plan``: the static shift's constants and its gate).
+
 No autograd here (that is ``flashcon.engine.register_backend_autograd``, wired in ``ops.py``)
 and nothing that reads tensor data, so every launcher also runs on fake tensors (the
 ``triton_op`` fake implementation is the launcher itself, with the kernel launch skipped).
@@ -31,6 +35,7 @@ from torch.library import wrap_triton
 from flashcon.engine import _interpreting
 
 from . import lse as K
+from . import sym as S
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -80,6 +85,18 @@ CONFIGS: dict[tuple[int, str, int, str], TileConfig] = {
     (90, "bwd", 32, "wide"): TileConfig(32, 32, 32, 32, 2, 1),
     (80, "bwd", 32, "narrow"): TileConfig(32, 32, 32, 32, 2, 1),
     (90, "bwd", 32, "narrow"): TileConfig(32, 32, 32, 32, 2, 1),
+    # Symmetric path (sym.py): square tiles (block_m = block_n, rows and columns are one
+    # partition of z). Forward: no running max, so the 16-bit tile is the general forward's.
+    (80, "sym_fwd", 16, "any"): TileConfig(64, 64, 64, 0, 8, 2),
+    (90, "sym_fwd", 16, "any"): TileConfig(64, 64, 64, 0, 8, 2),
+    (80, "sym_fwd", 32, "any"): TileConfig(32, 32, 32, 0, 4, 2),
+    (90, "sym_fwd", 32, "any"): TileConfig(32, 32, 32, 0, 4, 2),
+    # Backward: H (fp32 and in the input dtype) stays live over the D-out chunks; each chunk
+    # is two products whose results go straight to atomic adds (no accumulator carried).
+    (80, "sym_bwd", 16, "any"): TileConfig(64, 64, 64, 64, 8, 2),
+    (90, "sym_bwd", 16, "any"): TileConfig(64, 64, 64, 64, 8, 2),
+    (80, "sym_bwd", 32, "any"): TileConfig(32, 32, 32, 32, 4, 1),
+    (90, "sym_bwd", 32, "any"): TileConfig(32, 32, 32, 32, 4, 1),
 }
 
 ARCHS = (80, 90)
@@ -111,9 +128,9 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def pick_config(kind: str, arch: int, dtype: torch.dtype, d: int) -> TileConfig:
     """Tiles of ``kind`` 'fwd', 'sp' (the softplus pass; the forward's tiles unless the table
-    has its own) or 'bwd'."""
+    has its own), 'bwd', 'sym_fwd' or 'sym_bwd'."""
     bits = 32 if dtype == torch.float32 else 16
-    bucket = "any" if kind in ("fwd", "sp") else d_bucket(d)
+    bucket = "any" if kind in ("fwd", "sp", "sym_fwd", "sym_bwd") else d_bucket(d)
     if kind == "sp":
         return CONFIGS.get((arch, "sp", bits, bucket), CONFIGS[(arch, "fwd", bits, bucket)])
     return CONFIGS[(arch, kind, bits, bucket)]
@@ -127,17 +144,25 @@ def flags(
     k1: float,
     multilabel: bool = False,
     has_pw: bool = False,
+    gated: bool = False,
 ) -> dict:
-    """Compile-time flags the launchers pass (the kernel report enumerates the same set)."""
+    """Compile-time flags the launchers pass (the kernel report enumerates the same set).
+
+    ``kind`` 'sym' gives the symmetric kernels' flags (no self offset: the own column is
+    always excluded; no gate flag: they always read theirs)."""
     chunk = cfg.block_d if kind == "fwd" else max(cfg.block_d, cfg.block_do)
-    return {
+    fl = {
         "HAS_K1": k1 > 0,
         "HAS_SELF": self_offset >= 0,
         # With a mask the labels are ignored (the contract), so the label test is not compiled.
         "MULTILABEL": bool(multilabel) and not has_pw,
         "HAS_PW": bool(has_pw),
+        "GATED": bool(gated),
         "EVEN_D": d % chunk == 0,
     }
+    if kind == "sym":
+        del fl["HAS_SELF"], fl["GATED"]
+    return fl
 
 
 def _pw_args(pos_weight: Tensor | None, like: Tensor, n: int, m: int) -> tuple:
@@ -307,7 +332,10 @@ def lse_fwd(
     multilabel: bool = False,
     config: TileConfig | None = None,
     pos_weight: Tensor | None = None,
+    gate: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """``gate`` (int32 [1], the symmetric path's): the kernel runs only where it holds 0 and
+    leaves the outputs unwritten otherwise."""
     q, k, qlab, klab, d = _prep(q, k, qlab, klab)
     n, m = q.shape[0], k.shape[0]
     lse = q.new_empty((n,), dtype=torch.float32)
@@ -316,11 +344,11 @@ def lse_fwd(
     if n == 0:
         return lse, psum, pcnt
     cfg = config or pick_config("fwd", arch_of(q.device), q.dtype, d)
-    fl = flags("fwd", cfg, d, self_offset, k1, multilabel, pos_weight is not None)
+    fl = flags("fwd", cfg, d, self_offset, k1, multilabel, pos_weight is not None, gate is not None)
     args = (
         q, k, qlab, klab, lse, psum, pcnt, n, m, d, q.stride(0), k.stride(0),
         max(self_offset, 0), float(scale), _log_w(w_pos), _log_w(w_neg), _log_w(k1),
-        *_pw_args(pos_weight, lse, n, m),
+        *_pw_args(pos_weight, lse, n, m), lse if gate is None else gate,
     )  # fmt: skip
     _launch("_lse_fwd_kernel", "fwd", n, d, cfg, {**fl, "DOT_PREC": dot_precision(q.dtype)}, args)
     return lse, psum, pcnt
@@ -345,7 +373,7 @@ def sp_fwd(
         return sp, r
     cfg = config or pick_config("sp", arch_of(q.device), q.dtype, d)
     fl = flags("fwd", cfg, d, self_offset, 0.0, multilabel)
-    del fl["HAS_K1"], fl["HAS_PW"]
+    del fl["HAS_K1"], fl["HAS_PW"], fl["GATED"]
     args = (
         q, k, qlab, klab, _stat_in(eta), sp, r, n, m, d, q.stride(0), k.stride(0),
         max(self_offset, 0), float(scale),
@@ -371,6 +399,7 @@ def _backward(
     multilabel,
     config,
     pos_weight=None,
+    gate=None,
 ):
     d_true = q.shape[1]
     q, k, qlab, klab, d = _prep(q, k, qlab, klab)
@@ -382,7 +411,7 @@ def _backward(
     if d == 0 or n == 0 or m == 0:
         return dq.zero_()[:, :d_true], dk.zero_()[:, :d_true]  # fmt: skip
     cfg = config or pick_config("bwd", arch_of(q.device), q.dtype, d)
-    fl = flags("bwd", cfg, d, self_offset, k1, multilabel, pos_weight is not None)
+    fl = flags("bwd", cfg, d, self_offset, k1, multilabel, pos_weight is not None, gate is not None)
     fl.update(MODE=mode, DOT_PREC=dot_precision(q.dtype))
     g0, stat, g1 = _stat_in(g0), _stat_in(stat), _stat_in(g1)
     tail = (
@@ -390,7 +419,7 @@ def _backward(
     )  # fmt: skip
     consts = (
         max(self_offset, 0), float(scale), _log_w(w_pos), _log_w(w_neg), _log_w(k1),
-        *_pw_args(pos_weight, g0, n, m),
+        *_pw_args(pos_weight, g0, n, m), g0 if gate is None else gate,
     )  # fmt: skip
     _launch(
         "_bwd_dq_kernel", "bwd", n, d, cfg, fl,
@@ -446,3 +475,254 @@ def sp_bwd(
         K.MODE_SP, g_sp, eta, g_sp, q, k, qlab, klab, self_offset, scale, 1.0, 1.0, 0.0,
         multilabel, config,
     )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# The symmetric ('all'-mode) path: sym.py's tile-pair kernels, with the general kernels as
+# the fallback the device picks (see sym.py).
+# --------------------------------------------------------------------------------------------
+
+# Largest spread of the static shift's terms, ln(largest/smallest) (sym.py): e^{-80} ≈ 1.8e-35
+# is a normal fp32 number; fp32's exponential flushes to 0 below e^{-87.3}.
+SYM_RANGE = 80.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SymPlan:
+    """The static shift's constants, all device tensors (no host synchronisation).
+
+    ``vec``: the kernels' fp32 [A, R², c_pos, c_neg, 1/m_max]; ``l1``/``l2`` (float64): log of
+    the factor that turns the kernels' sums back into the sums of the contract (lse_i =
+    log(e^{l1}·Σ1_i + e^{l2}·Σ2_i)); ``range1``/``range2``: the largest spread of the terms of
+    each stream; ``ok``: bool, both spreads finite and at most ``SYM_RANGE``."""
+
+    vec: Tensor
+    l1: Tensor
+    l2: Tensor
+    range1: Tensor
+    range2: Tensor
+    ok: Tensor
+
+
+def sym_plan(
+    z: Tensor, scale: float, w_pos: float, w_neg: float, k1: float, pos_weight: Tensor | None
+) -> SymPlan:
+    dev, f64 = z.device, torch.float64
+    # The shift the kernels subtract is the fp32 value: l1 and l2 use the same rounding.
+    r2 = z.float().square().sum(1).amax()
+    shift = (scale * r2).float()
+    r2, shift64 = r2.to(f64), shift.to(f64)
+    pw = (
+        torch.ones((1, 1), dtype=f64, device=dev)
+        if pos_weight is None
+        else pos_weight.to(device=dev, dtype=f64)
+    )
+    pos = pw > 0
+    any_pos = pos.any()
+    inf = torch.full((), math.inf, dtype=f64, device=dev)
+    zero = torch.zeros((), dtype=f64, device=dev)
+    pmax = torch.where(any_pos, pw.amax(), 1.0)
+    pmin = torch.where(any_pos, torch.where(pos, pw, inf).amin(), 1.0)
+    # Largest and smallest weight of a main term: w_pos·m on positives, w_neg on negatives.
+    use_pos = any_pos & (w_pos > 0)
+    cmax = torch.maximum(torch.where(use_pos, w_pos * pmax, zero), zero + max(w_neg, 0.0))
+    cmin = torch.minimum(
+        torch.where(use_pos, w_pos * pmin, inf), inf if w_neg <= 0 else zero + w_neg
+    )
+    has1 = cmax > 0
+    cmax = torch.where(has1, cmax, 1.0)
+    range1 = torch.where(has1, 2 * shift64 + torch.log(cmax / cmin), zero)
+    has_k1 = any_pos & (k1 > 0)
+    range2 = torch.where(has_k1, 2 * r2 + torch.log(pmax / pmin), zero)
+    ok = (range1.abs() <= SYM_RANGE) & (range2.abs() <= SYM_RANGE)  # False for NaN
+    vec = torch.stack(
+        [
+            shift64,
+            r2,
+            torch.where(has1, w_pos / cmax, zero),
+            torch.where(has1, w_neg / cmax, zero),
+            1.0 / pmax,
+        ]
+    ).float()
+    l1 = torch.log(cmax) + shift64
+    l2 = torch.log(k1 * pmax) + vec[1].to(f64) if k1 > 0 else zero
+    return SymPlan(vec, l1, l2, range1, range2, ok)
+
+
+def _deterministic() -> bool:
+    # The symmetric kernels combine with atomic adds (sym.py); the general ones do not.
+    return torch.are_deterministic_algorithms_enabled()
+
+
+def _launch_sym(name: str, n: int, cfg: TileConfig, fl: dict, args: tuple) -> None:
+    nb = triton.cdiv(n, cfg.block_m)
+    tiles = {"BLOCK": cfg.block_m, "BLOCK_D": cfg.block_d}
+    if name == "_sym_bwd_kernel":
+        tiles["BLOCK_DO"] = cfg.block_do
+    extra = {}
+    if not _interpreting() and not torch.compiler.is_compiling():
+        extra["maxnreg"] = MAXNREG
+    kern = wrap_triton(getattr(S, name))
+    # Program (I, t) pairs block I with block (I + t) mod NB, t = 0 … NB // 2 (sym.py).
+    kern[(nb, nb // 2 + 1)](
+        *args, NB=nb, HALF=nb // 2, **fl, **tiles,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
+    )  # fmt: skip
+
+
+def _sym_setup(kind, z, d, k1, multilabel, has_pw, mode, config) -> tuple[TileConfig, dict]:
+    """Tiles and compile-time flags of a symmetric launch."""
+    cfg = config or pick_config(kind, arch_of(z.device), z.dtype, d)
+    fl = flags("sym", cfg, d, 0, k1, multilabel, has_pw)
+    fl.update(MODE=mode, DOT_PREC=dot_precision(z.dtype))
+    return cfg, fl
+
+
+def _sym_prep(z: Tensor, lab: Tensor):
+    z, _, lab, _, d = _prep(z, z, lab, lab)
+    return z, lab, d
+
+
+def sym_lse_fwd(
+    z: Tensor,
+    lab: Tensor,
+    scale: float,
+    w_pos: float,
+    w_neg: float,
+    k1: float,
+    multilabel: bool = False,
+    pos_weight: Tensor | None = None,
+    config: TileConfig | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``lse_fwd(z, z, lab, lab, 0, …)`` with each tile pair computed once (sym.py)."""
+    z, lab, d = _sym_prep(z, lab)
+    n = z.shape[0]
+    general = (z, z, lab, lab, 0, scale, w_pos, w_neg, k1, multilabel)
+    if n == 0 or _deterministic():
+        return lse_fwd(*general, pos_weight=pos_weight)
+    plan = sym_plan(z, scale, w_pos, w_neg, k1, pos_weight)
+    gate = plan.ok.to(torch.int32).reshape(1)
+    # The fallback: runs (and writes) only where the plan failed.
+    lse_g, psum_g, pcnt_g = lse_fwd(*general, pos_weight=pos_weight, gate=gate)
+    sums = torch.zeros((4, n), dtype=torch.float32, device=z.device)
+    cfg, fl = _sym_setup(
+        "sym_fwd", z, d, k1, multilabel, pos_weight is not None, K.MODE_LSE, config
+    )
+    args = (
+        z, lab, sums, plan.vec, gate, sums, n, d, z.stride(0), float(scale),
+        *_pw_args(pos_weight, sums, n, n),
+    )  # fmt: skip
+    _launch_sym("_sym_fwd_kernel", n, cfg, fl, args)
+    ninf = torch.full((), -math.inf, dtype=torch.float64, device=z.device)
+    s1, s2 = sums[0].double(), sums[1].double()
+    x1 = torch.where(s1 > 0, plan.l1 + torch.log(s1), ninf)
+    x2 = torch.where(s2 > 0, plan.l2 + torch.log(s2), ninf) if k1 > 0 else ninf
+    lse = torch.logaddexp(x1, x2).float()
+    ok = gate.bool()
+    return (
+        torch.where(ok, lse, lse_g),
+        torch.where(ok, sums[2], psum_g),
+        torch.where(ok, sums[3], pcnt_g),
+    )
+
+
+def sym_lse_bwd(
+    g_lse: Tensor,
+    g_psum: Tensor,
+    z: Tensor,
+    lab: Tensor,
+    lse: Tensor,
+    scale: float,
+    w_pos: float,
+    w_neg: float,
+    k1: float,
+    multilabel: bool = False,
+    pos_weight: Tensor | None = None,
+    config: TileConfig | None = None,
+) -> Tensor:
+    """dz = dq + dk of ``lse_bwd(…, z, z, lab, lab, lse, 0, …)``, tile pairs computed once."""
+    d_true = z.shape[1]
+    z, lab, d = _sym_prep(z, lab)
+    n = z.shape[0]
+    general = (z, z, lab, lab, 0, scale, w_pos, w_neg, k1, multilabel, None)
+    if n == 0 or _deterministic():
+        dq, dk = _backward(K.MODE_LSE, g_lse, lse, g_psum, *general, pos_weight)
+        return (dq + dk)[:, :d_true]
+    plan = sym_plan(z, scale, w_pos, w_neg, k1, pos_weight)
+    # Row constants ρ_i = g_lse·scale·c_max·e^{A − lse_i}, κ_i = g_lse·k1·m_max·e^{R² − lse_i}.
+    # The exponents are clamped to the largest a row with a term of that stream can have: a
+    # row above it has no such term, and its constant only ever multiplies zero weights.
+    l = lse.to(torch.float64)
+    fin = torch.isfinite(l)
+    g = g_lse.to(torch.float64)
+    rho = torch.where(fin, g * scale * torch.exp(torch.minimum(plan.l1 - l, plan.range1)), 0.0)
+    kap = torch.where(fin, g * torch.exp(torch.minimum(plan.l2 - l, plan.range2)), 0.0)
+    rho, kap = rho.float(), kap.float()
+    ok = plan.ok & torch.isfinite(rho).all() & torch.isfinite(kap).all()
+    gate = ok.to(torch.int32).reshape(1)
+    dq, dk = _backward(K.MODE_LSE, g_lse, lse, g_psum, *general, pos_weight, gate)
+    dz = torch.zeros((n, d), dtype=torch.float32, device=z.device)
+    cfg, fl = _sym_setup(
+        "sym_bwd", z, d, k1, multilabel, pos_weight is not None, K.MODE_LSE, config
+    )
+    args = (
+        z, lab, rho, kap, _stat_in(g_psum), plan.vec, gate, dz, n, d, z.stride(0), dz.stride(0),
+        float(scale), *_pw_args(pos_weight, dz, n, n),
+    )  # fmt: skip
+    _launch_sym("_sym_bwd_kernel", n, cfg, fl, args)
+    # The general outputs are unwritten where the gate is 1; where() never reads them there.
+    out = torch.where(gate.bool(), dz, dq.float() + dk.float()).to(z.dtype)
+    return out[:, :d_true]
+
+
+def sym_sp_fwd(
+    z: Tensor,
+    lab: Tensor,
+    eta: Tensor,
+    scale: float,
+    multilabel: bool = False,
+    config: TileConfig | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``sp_fwd(z, z, lab, lab, eta, 0, …)`` with each tile pair computed once."""
+    z, lab, d = _sym_prep(z, lab)
+    n = z.shape[0]
+    if n == 0 or _deterministic():
+        return sp_fwd(z, z, lab, lab, eta, 0, scale, multilabel)
+    sums = torch.zeros((2, n), dtype=torch.float32, device=z.device)
+    gate = torch.ones(1, dtype=torch.int32, device=z.device)
+    cfg, fl = _sym_setup("sym_fwd", z, d, 0.0, multilabel, False, K.MODE_SP, config)
+    args = (
+        z, lab, _stat_in(eta), sums, gate, sums, n, d, z.stride(0), float(scale),
+        *_pw_args(None, sums, n, n),
+    )  # fmt: skip
+    _launch_sym("_sym_fwd_kernel", n, cfg, fl, args)
+    # Separate tensors: an op's outputs may not alias each other.
+    return sums[0].clone(), sums[1].clone()
+
+
+def sym_sp_bwd(
+    g_sp: Tensor,
+    z: Tensor,
+    lab: Tensor,
+    eta: Tensor,
+    scale: float,
+    multilabel: bool = False,
+    config: TileConfig | None = None,
+) -> Tensor:
+    """dz = dq + dk of ``sp_bwd(g_sp, z, z, lab, lab, eta, 0, …)``, tile pairs computed once."""
+    d_true = z.shape[1]
+    z, lab, d = _sym_prep(z, lab)
+    n = z.shape[0]
+    if n == 0 or d == 0 or _deterministic():
+        dq, dk = sp_bwd(g_sp, z, z, lab, lab, eta, 0, scale, multilabel)
+        return (dq + dk)[:, :d_true]
+    dz = torch.zeros((n, d), dtype=torch.float32, device=z.device)
+    gate = torch.ones(1, dtype=torch.int32, device=z.device)
+    cfg, fl = _sym_setup("sym_bwd", z, d, 0.0, multilabel, False, K.MODE_SP, config)
+    g = _stat_in(g_sp)
+    args = (
+        z, lab, g, _stat_in(eta), g, g, gate, dz, n, d, z.stride(0), dz.stride(0),
+        float(scale), *_pw_args(None, dz, n, n),
+    )  # fmt: skip
+    _launch_sym("_sym_bwd_kernel", n, cfg, fl, args)
+    return dz.to(z.dtype)[:, :d_true]

@@ -23,9 +23,10 @@ Weights enter as log-weights (log 0 = −inf): a zero weight then contributes ex
 and the rest of the row is unchanged. The weighted sum costs one exponential per pair whatever
 the weights are, so the weights are runtime values; the flags that change the work per pair
 are compile-time: ``HAS_K1`` (TCL's second exponential stream), ``HAS_SELF`` (the self-column
-compare), ``MULTILABEL`` (bitmask labels: positive when they share a bit) and ``EVEN_D`` (no
-D-tail masks). ``MODE`` selects the lse or softplus gradient in the
-backward kernels.
+compare), ``MULTILABEL`` (bitmask labels: positive when they share a bit), ``HAS_PW`` (a
+mask's weights), ``EVEN_D`` (no D-tail masks) and ``GATED`` (the fallback of the symmetric
+path, ``sym.py``: the kernel returns at once unless the int32 at ``gate_ptr`` is 0). ``MODE``
+selects the lse or softplus gradient in the backward kernels.
 
 Saved for backward: the forward saves only the O(N) row statistics (lse, or η and r for the
 softplus pass); the backward recomputes each similarity tile from q and k.
@@ -209,10 +210,12 @@ def _lse_fwd_kernel(
     pw_ridx_ptr,
     pw_cidx_ptr,
     pw_cols,
+    gate_ptr,
     HAS_K1: tl.constexpr,
     HAS_SELF: tl.constexpr,
     MULTILABEL: tl.constexpr,
     HAS_PW: tl.constexpr,
+    GATED: tl.constexpr,
     EVEN_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -225,6 +228,9 @@ def _lse_fwd_kernel(
     log_w_pos = tl.cast(log_w_pos, tl.float32)
     log_w_neg = tl.cast(log_w_neg, tl.float32)
     log_k1 = tl.cast(log_k1, tl.float32)
+    if GATED:
+        if tl.load(gate_ptr) != 0:
+            return  # the symmetric kernels did this work (sym.py)
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < N
@@ -392,11 +398,13 @@ def _bwd_dq_kernel(
     pw_ridx_ptr,
     pw_cidx_ptr,
     pw_cols,
+    gate_ptr,
     MODE: tl.constexpr,
     HAS_K1: tl.constexpr,
     HAS_SELF: tl.constexpr,
     MULTILABEL: tl.constexpr,
     HAS_PW: tl.constexpr,
+    GATED: tl.constexpr,
     EVEN_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -409,6 +417,9 @@ def _bwd_dq_kernel(
     log_w_pos = tl.cast(log_w_pos, tl.float32)
     log_w_neg = tl.cast(log_w_neg, tl.float32)
     log_k1 = tl.cast(log_k1, tl.float32)
+    if GATED:
+        if tl.load(gate_ptr) != 0:
+            return
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -476,11 +487,13 @@ def _bwd_dk_kernel(
     pw_ridx_ptr,
     pw_cidx_ptr,
     pw_cols,
+    gate_ptr,
     MODE: tl.constexpr,
     HAS_K1: tl.constexpr,
     HAS_SELF: tl.constexpr,
     MULTILABEL: tl.constexpr,
     HAS_PW: tl.constexpr,
+    GATED: tl.constexpr,
     EVEN_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -497,6 +510,9 @@ def _bwd_dk_kernel(
     log_w_pos = tl.cast(log_w_pos, tl.float32)
     log_w_neg = tl.cast(log_w_neg, tl.float32)
     log_k1 = tl.cast(log_k1, tl.float32)
+    if GATED:
+        if tl.load(gate_ptr) != 0:
+            return
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

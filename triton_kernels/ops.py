@@ -4,7 +4,8 @@ Same argument order and types as the torch backend's ops in ``flashcon.engine``,
 the trailing ``multilabel`` (bitmask labels, a kernel flag) and ``pos_weight`` (SupContrast's
 ``mask``, read per tile by the log-sum-exp kernels, flag ``HAS_PW``; the corners no loss calls,
 a mask with k1 > 0 or in the softplus pass, run ``torch_stream``, see ``_torch_path``). The
-symmetric ('all'-mode) ops are not provided: the engine then uses these rectangular ops. ``triton_op``
+symmetric ('all'-mode) ops ``flashcon::triton_sym_*`` (``SYM_OPS``) run ``sym.py``'s tile-pair
+kernels (with the same corners on ``torch_stream``). ``triton_op``
 registers each function itself as the fake implementation (the ``wrap_triton`` launches are
 skipped on fake tensors), so ``torch.compile`` sees through to the kernels and no separate
 ``register_fake`` is needed. :func:`flashcon.engine.register_backend_autograd` connects each
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flashcon.engine import register_backend_autograd
+from flashcon.engine import register_backend_autograd, register_symmetric
 
 from . import launch
 
@@ -115,3 +116,73 @@ def sp_bwd_op(
 
 OPS = (lse_fwd_op, lse_bwd_op, sp_fwd_op, sp_bwd_op)
 register_backend_autograd(*OPS)
+
+
+@torch.library.triton_op("flashcon::triton_sym_lse_fwd", mutates_args=())
+def sym_lse_fwd_op(
+    z: Tensor,
+    lab: Tensor,
+    scale: float,
+    w_pos: float,
+    w_neg: float,
+    k1: float,
+    multilabel: bool,
+    pos_weight: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    args = (z, lab, scale, w_pos, w_neg, k1, multilabel, pos_weight)
+    if pos_weight is not None and k1 > 0:
+        return _torch_path().sym_lse_fwd(*args)
+    return launch.sym_lse_fwd(*args)
+
+
+@torch.library.triton_op("flashcon::triton_sym_lse_bwd", mutates_args=())
+def sym_lse_bwd_op(
+    g_lse: Tensor,
+    g_psum: Tensor,
+    z: Tensor,
+    lab: Tensor,
+    lse: Tensor,
+    scale: float,
+    w_pos: float,
+    w_neg: float,
+    k1: float,
+    multilabel: bool,
+    pos_weight: Tensor | None,
+) -> Tensor:
+    args = (g_lse, g_psum, z, lab, lse, scale, w_pos, w_neg, k1, multilabel, pos_weight)
+    if pos_weight is not None and k1 > 0:
+        return _torch_path().sym_lse_bwd(*args)
+    return launch.sym_lse_bwd(*args)
+
+
+@torch.library.triton_op("flashcon::triton_sym_sp_fwd", mutates_args=())
+def sym_sp_fwd_op(
+    z: Tensor,
+    lab: Tensor,
+    eta: Tensor,
+    scale: float,
+    multilabel: bool,
+    pos_weight: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    if pos_weight is not None:
+        return _torch_path().sym_sp_fwd(z, lab, eta, scale, multilabel, pos_weight)
+    return launch.sym_sp_fwd(z, lab, eta, scale, multilabel)
+
+
+@torch.library.triton_op("flashcon::triton_sym_sp_bwd", mutates_args=())
+def sym_sp_bwd_op(
+    g_sp: Tensor,
+    z: Tensor,
+    lab: Tensor,
+    eta: Tensor,
+    scale: float,
+    multilabel: bool,
+    pos_weight: Tensor | None,
+) -> Tensor:
+    if pos_weight is not None:
+        return _torch_path().sym_sp_bwd(g_sp, z, lab, eta, scale, multilabel, pos_weight)
+    return launch.sym_sp_bwd(g_sp, z, lab, eta, scale, multilabel)
+
+
+SYM_OPS = (sym_lse_fwd_op, sym_lse_bwd_op, sym_sp_fwd_op, sym_sp_bwd_op)
+register_symmetric(*SYM_OPS, fakes=False)

@@ -44,6 +44,9 @@ Symmetric path (optional per backend; issue "half the work in 'all' mode")
     functions with q = k = z, qlab = klab = lab, self_offset = 0 and dz = dq + dk. Because
     s_ij = s_ji, a backend computes each unordered tile pair once (4·N²·D flops for
     forward + backward instead of 8·N²·D). ``torch_stream.sym_*`` state them executably.
+    Backends with such ops: the C++ CPU kernels (``flashcon::sym_*``, deterministic) and
+    Triton (``flashcon::triton_sym_*``, ``triton_kernels/sym.py``, atomic adds; the general
+    kernels under ``torch.use_deterministic_algorithms``).
 
 Gradients reach q and k only (labels and weights get none; eta's producer is reached through
 autograd via r). Every output is O(N + M); nothing N×M exists in any backend. ``dq``/``dk``
@@ -141,24 +144,26 @@ def register_backend_autograd(lse_fwd_op, lse_bwd_op, sp_fwd_op, sp_bwd_op) -> N
     torch.library.register_autograd(sp_fwd_op, sp_backward, setup_context=sp_setup)
 
 
-def register_symmetric(sym_lse_fwd, sym_lse_bwd, sym_sp_fwd, sym_sp_bwd) -> None:
-    """Fake implementations and autograd of a backend's symmetric ops."""
+def register_symmetric(sym_lse_fwd, sym_lse_bwd, sym_sp_fwd, sym_sp_bwd, fakes=True) -> None:
+    """Autograd of a backend's symmetric ops, and their fake implementations unless the ops
+    bring their own (``fakes=False``: ``triton_op``s are their own fakes)."""
+    if fakes:
 
-    @torch.library.register_fake(sym_lse_fwd)
-    def _(z, *args):
-        return _fake_stats(z, 3)
+        @torch.library.register_fake(sym_lse_fwd)
+        def _(z, *args):
+            return _fake_stats(z, 3)
 
-    @torch.library.register_fake(sym_lse_bwd)
-    def _(g_lse, g_psum, z, *args):
-        return torch.empty_like(z)
+        @torch.library.register_fake(sym_lse_bwd)
+        def _(g_lse, g_psum, z, *args):
+            return torch.empty_like(z)
 
-    @torch.library.register_fake(sym_sp_fwd)
-    def _(z, *args):
-        return _fake_stats(z, 2)
+        @torch.library.register_fake(sym_sp_fwd)
+        def _(z, *args):
+            return _fake_stats(z, 2)
 
-    @torch.library.register_fake(sym_sp_bwd)
-    def _(g_sp, z, *args):
-        return torch.empty_like(z)
+        @torch.library.register_fake(sym_sp_bwd)
+        def _(g_sp, z, *args):
+            return torch.empty_like(z)
 
     def lse_setup(ctx, inputs, output):
         z, lab, scale, w_pos, w_neg, k1, multilabel, pos_weight = inputs

@@ -34,7 +34,15 @@ from pathlib import Path
 
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 DTYPES = ("fp16", "bf16", "fp32")
-KERNELS = ("_lse_fwd_kernel", "_sp_fwd_kernel", "_bwd_dq_kernel", "_bwd_dk_kernel")
+KERNELS = (
+    "_lse_fwd_kernel",
+    "_sp_fwd_kernel",
+    "_bwd_dq_kernel",
+    "_bwd_dk_kernel",
+    "_sym_fwd_kernel",
+    "_sym_bwd_kernel",
+)
+SYM_KERNELS = ("_sym_fwd_kernel", "_sym_bwd_kernel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,17 +80,18 @@ def specs(archs, quick: bool) -> list[Spec]:
         bits = 32 if dtype == "fp32" else 16
         precs = ("ieee", "tf32") if dtype == "fp32" else ("ieee",)
         for kernel, prec in itertools.product(KERNELS, precs):
+            sym = kernel in SYM_KERNELS
             kind = "fwd" if "fwd" in kernel else "bwd"
-            buckets = ("any",) if kind == "fwd" else ("narrow", "wide")
+            buckets = ("any",) if kind == "fwd" or sym else ("narrow", "wide")
             for bucket in buckets:
                 c = launch.pick_config(
-                    "sp" if kernel == "_sp_fwd_kernel" else kind,
+                    "sp" if kernel == "_sp_fwd_kernel" else f"sym_{kind}" if sym else kind,
                     arch,
                     {16: launch.torch.float16, 32: launch.torch.float32}[bits],
                     64 if bucket in ("narrow", "any") else 128,
                 )
                 cfg = (c.block_m, c.block_n, c.block_d, c.block_do, c.num_warps, c.num_stages)
-                modes = (0, 1) if kind == "bwd" else (None,)
+                modes = (0, 1) if kind == "bwd" or sym else (None,)
                 for mode in modes:
                     has_k1 = kernel == "_lse_fwd_kernel" or mode == 0
                     grid = {
@@ -90,22 +99,34 @@ def specs(archs, quick: bool) -> list[Spec]:
                         "HAS_SELF": (True,) if quick else (False, True),
                         "MULTILABEL": (False, True),
                         "HAS_PW": (False, True),
+                        # The symmetric path's fallback (lse kernels only, self_offset 0).
+                        "GATED": (True,) if quick else (False, True),
                         "EVEN_D": (False,) if quick else (False, True),
                     }
                     if not has_k1:
                         grid["HAS_K1"] = (False,)
                         grid["HAS_PW"] = (False,)  # the softplus pass never gets a mask
+                        grid["GATED"] = (False,)
+                    if sym:  # no self offset (always excluded) and no gate flag
+                        grid["HAS_SELF"] = (True,)
+                        grid["GATED"] = (False,)
                     for vals in itertools.product(*grid.values()):
                         fl = dict(zip(grid, vals))
                         if fl["HAS_PW"] and (fl["MULTILABEL"] or fl["HAS_K1"]):
                             # A mask replaces the labels (launchers clear MULTILABEL); with k1
                             # the ops run torch_stream (see triton_kernels/ops.py).
                             continue
+                        if fl["GATED"] and not fl["HAS_SELF"]:
+                            continue
                         heavy = fl["HAS_PW"] or (fl["MULTILABEL"] and (fl["HAS_K1"] or not has_k1))
                         if quick and not heavy:
                             continue  # quick: the heaviest set with labels, and with a mask
                         if kernel == "_sp_fwd_kernel":
-                            del fl["HAS_K1"], fl["HAS_PW"]
+                            del fl["HAS_K1"], fl["HAS_PW"], fl["GATED"]
+                        if sym:
+                            del fl["HAS_SELF"], fl["GATED"]
+                        elif kernel != "_sp_fwd_kernel" and mode == 1:
+                            del fl["GATED"]
                         if mode is not None:
                             fl = {"MODE": mode, **fl}
                         flt = tuple(fl.items())
@@ -122,18 +143,23 @@ def _signature(fn, spec: Spec) -> tuple[dict, dict, dict]:
     ptr = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}[spec.dtype]
     bm, bn, bd, bdo, _, _ = spec.cfg
     const = dict(spec.flags)
-    const.update(DOT_PREC=spec.prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+    if "GATED" in fn.arg_names:
+        const.setdefault("GATED", False)
+    if "BLOCK" in fn.arg_names:  # the symmetric kernels' square tiles
+        const.update(DOT_PREC=spec.prec, BLOCK=bm, BLOCK_D=bd)
+    else:
+        const.update(DOT_PREC=spec.prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
     if "BLOCK_DO" in fn.arg_names:
         const["BLOCK_DO"] = bdo
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in const:
             sig[name] = "constexpr"
-        elif name in ("q_ptr", "k_ptr", "dq_ptr", "dk_ptr"):
+        elif name in ("q_ptr", "k_ptr", "dq_ptr", "dk_ptr", "z_ptr"):
             sig[name] = ptr
-        elif name in ("qlab_ptr", "klab_ptr"):
+        elif name in ("qlab_ptr", "klab_ptr", "lab_ptr"):
             sig[name] = "*i64"
-        elif name in ("pw_ridx_ptr", "pw_cidx_ptr"):
+        elif name in ("pw_ridx_ptr", "pw_cidx_ptr", "gate_ptr"):
             sig[name] = "*i32"
         elif name.endswith("_ptr"):
             sig[name] = "*fp32"
@@ -172,8 +198,9 @@ def compile_one(spec: Spec) -> dict:
         from triton.compiler import ASTSource
 
         from flashcon.triton_kernels import lse as K
+        from flashcon.triton_kernels import sym as S
 
-        fn = getattr(K, spec.kernel)
+        fn = getattr(S if spec.kernel in SYM_KERNELS else K, spec.kernel)
         sig, const, attrs = _signature(fn, spec)
         src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
         _, _, _, _, warps, stages = spec.cfg
