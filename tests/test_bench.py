@@ -47,6 +47,9 @@ def test_quick_run(tmp_path):
         for key in ("fwd_ms_p50", "bwd_ms_p50", "fwdbwd_ms_p50", "peak_mb", "fwdbwd_gflops"):
             assert float(r[key]) >= 0, (provider, key, r[key])
         assert float(r["fwdbwd_ms_p20"]) <= float(r["fwdbwd_ms_p80"])
+    # A backend with a symmetric path runs it and its general kernels as two providers.
+    if ("flashcon-cpu", "256") in ok:
+        assert ("flashcon-cpu-general", "256") in ok, proc.stdout[-3000:]
     # Every provider that ran computes the same loss as the reference.
     for r in ok.values():
         if r["rel_diff_vs_reference"]:

@@ -1,0 +1,247 @@
+"""The Triton symmetric ('all'-mode) path against the torch contract and the general kernels.
+
+Without a GPU the kernels run through Triton's interpreter (conftest). Shapes cover one block,
+odd and even block counts of the circulant tile-pair schedule (sym.py) with the table's tiles
+(16-bit: 64, fp32: 32) and with 16-row tiles, D below, at and above a chunk.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flashcon
+from flashcon import engine
+from flashcon.backends import torch_stream as TS
+from flashcon.testing import assert_close, make_inputs
+
+launch = pytest.importorskip("flashcon.triton_kernels.launch")
+ops = pytest.importorskip("flashcon.triton_kernels.ops")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SMALL = launch.TileConfig(16, 16, 16, 16, 4, 1)
+# N of 1, 2, 3, 37, 100 and 130: blocks of 32 rows (fp32 table) give NB = 1, 1, 1, 2, 4, 5
+# and of 16 rows NB = 1, 1, 1, 3, 7, 9 (odd and even schedules); D of 1, 7, 16, 130, 33.
+SHAPES = [(1, 7), (2, 1), (3, 7), (37, 130), (100, 16), (130, 33)]
+WEIGHTS = [(1.0, 1.0, 0.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (1.0, 2.0, 50.0)]
+POS_MODES = ["labels", "multilabel", "pos_weight"]
+
+
+def _inputs(n, d, dtype, mode, norm=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed + 31 * n + d)
+    z = norm * torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+    pw, ml = None, mode == "multilabel"
+    if ml:
+        lab = torch.randint(0, 64, (n,), generator=g)  # bitmasks; 0 shares with nobody
+    else:
+        lab = torch.randint(0, 4, (n,), generator=g)
+    if mode == "pos_weight":
+        # An asymmetric [5, 4] mask with zeros (negatives) and weights in (0, 2).
+        pw = 2 * torch.rand(5, 4, generator=g)
+        pw = torch.where(torch.rand(5, 4, generator=g) < 0.4, torch.zeros_like(pw), pw)
+    return z.to(dtype), lab, ml, pw, g
+
+
+def _dev(*ts):
+    return tuple(None if t is None else t.to(DEVICE) for t in ts)
+
+
+def _check_lse(z, lab, scale, weights, ml, pw, g, config=None, tol=2e-4):
+    """Symmetric op vs the torch contract (float64 on the same inputs) and the general op."""
+    args = (scale, *weights, ml, pw)
+    zd, labd, pwd = _dev(z, lab, pw)
+    dargs = (scale, *weights, ml, pwd)
+    if config is None:
+        got = ops.sym_lse_fwd_op(zd, labd, *dargs)
+    else:
+        got = launch.sym_lse_fwd(zd, labd, *dargs, config=config)
+    want = TS.sym_lse_fwd(z.double(), lab, *args)
+    general = ops.lse_fwd_op(zd, zd, labd, labd, 0, *dargs)
+    for name, a, e, c in zip(("lse", "psum", "pcnt"), got, want, general):
+        assert a.dtype == torch.float32
+        assert_close(a.cpu(), e.float(), atol=tol, rtol=tol, name=name)
+        assert_close(a.cpu(), c.cpu(), atol=tol, rtol=tol, name=f"{name} vs general op")
+    n = z.shape[0]
+    g_lse, g_psum = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    lse = want[0].float()
+    if config is None:
+        dz = ops.sym_lse_bwd_op(*_dev(g_lse, g_psum, z, lab, lse), *dargs)
+    else:
+        dz = launch.sym_lse_bwd(*_dev(g_lse, g_psum, z, lab, lse), *dargs, config=config)
+    exp = TS.sym_lse_bwd(g_lse.double(), g_psum.double(), z.double(), lab, want[0], *args)
+    dq, dk = ops.lse_bwd_op(*_dev(g_lse, g_psum, z, z, lab, lab, lse), 0, *dargs)
+    assert dz.dtype == z.dtype and dz.shape == z.shape
+    scale_dz = max(1.0, exp.abs().max().item())
+    assert_close(dz.cpu().double(), exp, atol=10 * tol * scale_dz, rtol=10 * tol, name="dz")
+    assert_close(dz.cpu(), (dq + dk).cpu(), atol=10 * tol * scale_dz, rtol=10 * tol, name="dq+dk")
+
+
+# A mask together with k1 runs torch_stream in the ops (no loss makes that call): it is
+# checked through the ops, not with other tiles.
+_LSE_GRID = [
+    (w, m, t)
+    for w in WEIGHTS
+    for m in POS_MODES
+    for t in ("table", "small")
+    if not (t == "small" and m == "pos_weight" and w[2] > 0)
+]
+
+
+@pytest.mark.parametrize(
+    "weights, mode, tiles",
+    _LSE_GRID,
+    ids=["wp{}-wn{}-k1{}-{}-{}".format(*w, m, t) for w, m, t in _LSE_GRID],
+)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}D{}".format(*s))
+def test_sym_lse_matches_contract_and_general(shape, weights, mode, tiles):
+    """Unit-norm features at τ = 0.1: the static shift (range 20) serves every case."""
+    z, lab, ml, pw, g = _inputs(*shape, torch.float32, mode)
+    plan = launch.sym_plan(z, 10.0, *weights, pw)
+    assert bool(plan.ok), "these inputs must take the symmetric kernels"
+    cfg = SMALL if tiles == "small" else None
+    _check_lse(z, lab, 10.0, weights, ml, pw, g, config=cfg)
+
+
+@pytest.mark.parametrize("case", ["static-near-limit", "tiny-temperature", "large-norms"])
+@pytest.mark.parametrize("mode", POS_MODES)
+@pytest.mark.parametrize("weights", WEIGHTS, ids=["all", "pos", "neg", "tcl"])
+def test_sym_lse_shift_and_fallback(weights, mode, case):
+    """Near the static shift's limit (2·scale·R² = 76 <= 80) and past it, where the gate sends
+    the work to the general kernels (their per-row online max) on the device."""
+    norm, scale = {
+        "static-near-limit": (1.0, 38.0),
+        "tiny-temperature": (1.0, 100.0),
+        "large-norms": (4.0, 5.0),
+    }[case]
+    z, lab, ml, pw, g = _inputs(100, 7, torch.float32, mode, norm=norm)
+    plan = launch.sym_plan(z, scale, *weights, pw)
+    spread = 2 * scale * norm**2
+    assert bool(plan.ok) == (spread <= launch.SYM_RANGE - 3), (spread, plan.range1)
+    _check_lse(z, lab, scale, weights, ml, pw, g, tol=1e-3)
+
+
+@pytest.mark.parametrize("tiles", ["table", "small"])
+@pytest.mark.parametrize("mode", ["labels", "multilabel"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}D{}".format(*s))
+def test_sym_sp_matches_contract_and_general(shape, mode, tiles):
+    z, lab, ml, _, g = _inputs(*shape, torch.float32, mode, norm=2.0)
+    eta = TS.sym_lse_fwd(z.double(), lab, 0.7, 0.0, 1.0, 0.0, ml)[0]  # −inf: no negatives
+    cfg = {"config": SMALL} if tiles == "small" else {}
+    zd, labd, etad = _dev(z, lab, eta.float())
+    got = launch.sym_sp_fwd(zd, labd, etad, 0.7, ml, **cfg)
+    want = TS.sym_sp_fwd(z.double(), lab, eta, 0.7, ml)
+    general = launch.sp_fwd(zd, zd, labd, labd, etad, 0, 0.7, ml)
+    for name, a, e, c in zip(("sp", "r"), got, want, general):
+        assert_close(a.cpu(), e.float(), atol=2e-4, rtol=2e-4, name=name)
+        assert_close(a.cpu(), c.cpu(), atol=2e-4, rtol=2e-4, name=f"{name} vs general")
+    g_sp = torch.randn(shape[0], generator=g)
+    dz = launch.sym_sp_bwd(*_dev(g_sp), zd, labd, etad, 0.7, ml, **cfg)
+    exp = TS.sym_sp_bwd(g_sp.double(), z.double(), lab, eta, 0.7, ml)
+    tol = 2e-3 * max(1.0, exp.abs().max().item())
+    assert dz.dtype == z.dtype
+    assert_close(dz.cpu().double(), exp, atol=tol, rtol=2e-3, name="dz")
+
+
+def test_sym_sp_with_a_mask_runs_the_contract():
+    z, lab, _, pw, g = _inputs(37, 7, torch.float32, "pos_weight")
+    eta = torch.randn(37, generator=g)
+    got = ops.sym_sp_fwd_op(*_dev(z, lab, eta), 0.7, False, *_dev(pw))
+    want = TS.sym_sp_fwd(z, lab, eta, 0.7, False, pw)
+    for a, e in zip(got, want):
+        assert_close(a.cpu(), e, atol=1e-5, rtol=1e-5)
+    dz = ops.sym_sp_bwd_op(*_dev(eta, z, lab, eta), 0.7, False, *_dev(pw))
+    assert_close(dz.cpu(), TS.sym_sp_bwd(eta, z, lab, eta, 0.7, False, pw), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_sym_low_precision(dtype):
+    """fp32 statistics, gradients in the input dtype; 16-bit tiles (64 rows: NB = 3)."""
+    z, lab, ml, pw, g = _inputs(130, 40, dtype, "labels")
+    zd, labd = _dev(z, lab)
+    lse, psum, pcnt = ops.sym_lse_fwd_op(zd, labd, 10.0, 1.0, 1.0, 0.0, ml, pw)
+    assert lse.dtype == torch.float32
+    want = TS.sym_lse_fwd(z.double(), lab, 10.0, 1.0, 1.0, 0.0)
+    assert_close(lse.cpu(), want[0].float(), atol=1e-3, rtol=1e-3, name="lse")
+    assert_close(psum.cpu(), want[1].float(), atol=1e-3, rtol=1e-3, name="psum")
+    g_lse = torch.randn(130, generator=g)
+    dz = ops.sym_lse_bwd_op(*_dev(g_lse, g_lse, z, lab, lse.cpu()), 10.0, 1.0, 1.0, 0.0, ml, pw)
+    assert dz.dtype == dtype
+    exp = TS.sym_lse_bwd(g_lse.double(), g_lse.double(), z.double(), lab, want[0], 10.0, 1, 1, 0)
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    assert_close(dz.cpu().double(), exp, atol=tol * exp.abs().max().item(), rtol=tol, name="dz")
+
+
+def test_sym_rows_without_terms():
+    """Singleton classes, positives only: every lse is −inf, nothing flows back."""
+    z, _, _, _, _ = _inputs(40, 5, torch.float32, "labels")
+    lab = torch.arange(40)
+    zd, labd = _dev(z, lab)
+    lse, psum, pcnt = ops.sym_lse_fwd_op(zd, labd, 10.0, 1.0, 0.0, 0.0, False, None)
+    assert torch.isneginf(lse).all() and (psum == 0).all() and (pcnt == 0).all()
+    g = torch.ones(40, device=DEVICE)
+    dz = ops.sym_lse_bwd_op(g, g, zd, labd, lse, 10.0, 1.0, 0.0, 0.0, False, None)
+    assert (dz == 0).all()
+
+
+def test_sym_non_finite_input_takes_the_general_path():
+    z, lab, _, _, _ = _inputs(37, 7, torch.float32, "labels")
+    z[3, 2] = float("nan")
+    zd, labd = _dev(z, lab)
+    assert not bool(launch.sym_plan(zd, 10.0, 1.0, 1.0, 0.0, None).ok)
+    got = ops.sym_lse_fwd_op(zd, labd, 10.0, 1.0, 1.0, 0.0, False, None)
+    general = ops.lse_fwd_op(zd, zd, labd, labd, 0, 10.0, 1.0, 1.0, 0.0, False, None)
+    for a, c in zip(got, general):
+        torch.testing.assert_close(a, c, rtol=0, atol=0, equal_nan=True)
+
+
+def test_deterministic_algorithms_select_the_general_kernels():
+    """The symmetric kernels add with atomics; under use_deterministic_algorithms the
+    general (bitwise reproducible) kernels run instead, with their exact results."""
+    z, lab, _, _, g = _inputs(70, 9, torch.float32, "labels")
+    zd, labd = _dev(z, lab)
+    args = (10.0, 1.0, 1.0, 0.0, False, None)
+    general = ops.lse_fwd_op(zd, zd, labd, labd, 0, *args)
+    g_lse = torch.randn(70, generator=g).to(DEVICE)
+    dq, dk = ops.lse_bwd_op(g_lse, g_lse, zd, zd, labd, labd, general[0], 0, *args)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        got = ops.sym_lse_fwd_op(zd, labd, *args)
+        dz = ops.sym_lse_bwd_op(g_lse, g_lse, zd, labd, general[0], *args)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    for a, c in zip(got, general):
+        assert torch.equal(a, c)
+    assert torch.equal(dz, dq + dk)
+
+
+def test_sym_ops_are_the_engines_all_mode_path():
+    eng = engine.get_engine("triton")
+    assert eng.sym_lse is ops.SYM_OPS[0] and eng.sym_sp is ops.SYM_OPS[2]
+    assert ops.sym_lse_fwd_op._qualname == "flashcon::triton_sym_lse_fwd"
+
+
+@pytest.mark.parametrize("loss", ["supcon", "sincere", "tcl"])
+def test_api_with_and_without_the_symmetric_path(loss):
+    """'all'-mode losses through the public API: symmetric and general kernels agree with the
+    float64 reference."""
+    x = make_inputs(loss, 45, 2, 9, n_classes=5, dtype=torch.float32)
+    f = x.pop("features")
+    fn = getattr(flashcon, f"{loss}_loss")
+    fr = f.double().clone().requires_grad_(True)
+    ref = fn(
+        fr,
+        backend="reference",
+        **{k: v.double() if v.is_floating_point() else v for k, v in x.items()},
+    )
+    ref.backward()
+    try:
+        for sym in (True, False):
+            engine.set_symmetric(sym)
+            fx = f.to(DEVICE).clone().requires_grad_(True)
+            val = fn(fx, backend="triton", **{k: v.to(DEVICE) for k, v in x.items()})
+            val.backward()
+            assert_close(val.detach().cpu().double(), ref.detach(), atol=1e-5, rtol=1e-5)
+            assert_close(fx.grad.cpu().double(), fr.grad, atol=2e-5, rtol=1e-4)
+    finally:
+        engine.set_symmetric(True)
