@@ -27,8 +27,12 @@ import torch.nn.functional as F
 
 LOSSES = ("supcon", "ntxent", "sincere", "genscl", "tcl", "esupcon")
 STREAMING = ("triton", "cuda", "cpu", "torch")
+# The fused backends with a symmetric 'all'-mode path (each unordered tile pair once), also
+# run through their general kernels (``engine.set_symmetric(False)``) to show both paths.
+SYMMETRIC = ("triton", "cpu")
 PROVIDERS = (
     *(f"flashcon-{b}" for b in STREAMING),
+    *(f"flashcon-{b}-general" for b in SYMMETRIC),
     "reference",
     "reference-compile",
     "chunked-compile",
@@ -91,7 +95,7 @@ def availability(provider: str, loss: str, device: torch.device) -> tuple[bool, 
         import flashcon
         from flashcon.engine import BackendUnavailableError
 
-        backend = provider.removeprefix("flashcon-")
+        backend = provider.removeprefix("flashcon-").removesuffix("-general")
         if backend == "triton" and device.type != "cuda":
             # resolve_backend accepts CPU tensors under TRITON_INTERPRET=1: that interpreter
             # is a correctness tool, far too slow to be worth timing.
@@ -162,6 +166,18 @@ def _pml_loss(temperature: float) -> Callable:
     return lambda feats, labels: crit(feats, labels)
 
 
+def _general_path(fn: Callable, *args, **kwargs):
+    """``fn`` with the symmetric path off: the general kernels, chosen at the forward (the
+    backward follows the ops the forward recorded)."""
+    from flashcon import engine
+
+    engine.set_symmetric(False)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        engine.set_symmetric(True)
+
+
 def make_loss_fn(provider: str, loss: str) -> Callable:
     """The callable ``f(*inputs) -> scalar loss`` of ``provider`` for ``loss``."""
     import flashcon
@@ -170,7 +186,12 @@ def make_loss_fn(provider: str, loss: str) -> Callable:
     kwargs = LOSS_KWARGS[loss]
     if provider.startswith("flashcon-"):
         fn = getattr(flashcon, f"{loss}_loss")
-        return functools.partial(fn, **kwargs, backend=provider.removeprefix("flashcon-"))
+        backend = provider.removeprefix("flashcon-")
+        if backend.endswith("-general"):
+            return functools.partial(
+                _general_path, fn, **kwargs, backend=backend[: -len("-general")]
+            )
+        return functools.partial(fn, **kwargs, backend=backend)
     if provider == "reference":
         return functools.partial(getattr(reference, f"{loss}_loss"), **kwargs)
     if provider == "reference-compile":
