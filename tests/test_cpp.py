@@ -292,6 +292,14 @@ def test_sym_lse_shift_paths(weights, mode, case):
     _check_sym_lse(z, lab, scale, weights, ml, pw, tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_sym_lse_negative_scale(dtype):
+    """No loss passes scale < 0, but the op may be called so: it takes the general path (the
+    static shift would be a lower bound there, not an upper one)."""
+    z, lab, ml, pw = _sym_inputs(300, 7, dtype, "labels", norm=3.0)
+    _check_sym_lse(z, lab, -5.0, (1.0, 1.0, 0.0), ml, pw, SYM_TOL[dtype])
+
+
 @pytest.mark.parametrize("mode", POS_MODES)
 @pytest.mark.parametrize("shape", SYM_SHAPES, ids=lambda s: "N{}D{}".format(*s))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])

@@ -165,17 +165,21 @@ def flags(
     return fl
 
 
-def _pw_args(pos_weight: Tensor | None, like: Tensor, n: int, m: int) -> tuple:
-    """(mask, i mod Bq [N], j mod Bk [M], Bk) of SupContrast's [Bq, Bk] mask; placeholders
-    without one (never read: the kernel is compiled without HAS_PW)."""
-    if pos_weight is None:
-        return like, like, like, 1
+def _check_pos_weight(pos_weight: Tensor) -> None:
     if pos_weight.dim() != 2 or pos_weight.numel() == 0:
         raise ValueError(
             f"pos_weight must be a non-empty [Bq, Bk] matrix, got {tuple(pos_weight.shape)}"
         )
     if pos_weight.numel() >= 2**31:
         raise ValueError(f"pos_weight has {pos_weight.numel()} entries; at most 2^31 - 1 supported")
+
+
+def _pw_args(pos_weight: Tensor | None, like: Tensor, n: int, m: int) -> tuple:
+    """(mask, i mod Bq [N], j mod Bk [M], Bk) of SupContrast's [Bq, Bk] mask; placeholders
+    without one (never read: the kernel is compiled without HAS_PW)."""
+    if pos_weight is None:
+        return like, like, like, 1
+    _check_pos_weight(pos_weight)
     pw = pos_weight.to(device=like.device, dtype=torch.float32).contiguous()
     ridx = torch.arange(n, device=like.device, dtype=torch.int32) % pw.shape[0]
     cidx = torch.arange(m, device=like.device, dtype=torch.int32) % pw.shape[1]
@@ -276,9 +280,9 @@ def _kernel(name: str):
         kind = "fwd" if "fwd" in name else "bwd"
         key = ["D", "HAS_SELF", "MULTILABEL", "DOT_PREC"]
         if name != "_sp_fwd_kernel":
-            key.append("HAS_PW")
-        if name != "_sp_fwd_kernel":
-            key.append("HAS_K1")
+            # GATED: a gated launch may return at once; its timings must not pick the tiles
+            # of the ungated kernel.
+            key += ["HAS_PW", "HAS_K1", "GATED"]
         if kind == "bwd":
             key.append("MODE")
         _TUNED[name] = triton.autotune(configs=_autotune_configs(kind), key=key)(fn)
@@ -493,8 +497,9 @@ class SymPlan:
 
     ``vec``: the kernels' fp32 [A, R², c_pos, c_neg, 1/m_max]; ``l1``/``l2`` (float64): log of
     the factor that turns the kernels' sums back into the sums of the contract (lse_i =
-    log(e^{l1}·Σ1_i + e^{l2}·Σ2_i)); ``range1``/``range2``: the largest spread of the terms of
-    each stream; ``ok``: bool, both spreads finite and at most ``SYM_RANGE``."""
+    log(e^{l1}·Σ1_i + e^{l2}·Σ2_i)); ``range1`` = 2A + log(c_max/c_min) and ``range2`` =
+    2R² + log(m_max/m_min): the largest spread (ln) of the terms of each stream; ``ok``: bool,
+    both spreads in [0, ``SYM_RANGE``] (False for NaN; a negative spread means scale < 0)."""
 
     vec: Tensor
     l1: Tensor
@@ -507,6 +512,8 @@ class SymPlan:
 def sym_plan(
     z: Tensor, scale: float, w_pos: float, w_neg: float, k1: float, pos_weight: Tensor | None
 ) -> SymPlan:
+    if pos_weight is not None:
+        _check_pos_weight(pos_weight)
     dev, f64 = z.device, torch.float64
     # The shift the kernels subtract is the fp32 value: l1 and l2 use the same rounding.
     r2 = z.float().square().sum(1).amax()
@@ -521,7 +528,8 @@ def sym_plan(
     any_pos = pos.any()
     inf = torch.full((), math.inf, dtype=f64, device=dev)
     zero = torch.zeros((), dtype=f64, device=dev)
-    pmax = torch.where(any_pos, pw.amax(), 1.0)
+    # Over the positive entries only (a NaN or negative entry is no positive, as in the kernels).
+    pmax = torch.where(any_pos, torch.where(pos, pw, -inf).amax(), 1.0)
     pmin = torch.where(any_pos, torch.where(pos, pw, inf).amin(), 1.0)
     # Largest and smallest weight of a main term: w_pos·m on positives, w_neg on negatives.
     use_pos = any_pos & (w_pos > 0)
@@ -534,7 +542,7 @@ def sym_plan(
     range1 = torch.where(has1, 2 * shift64 + torch.log(cmax / cmin), zero)
     has_k1 = any_pos & (k1 > 0)
     range2 = torch.where(has_k1, 2 * r2 + torch.log(pmax / pmin), zero)
-    ok = (range1.abs() <= SYM_RANGE) & (range2.abs() <= SYM_RANGE)  # False for NaN
+    ok = (range1 >= 0) & (range1 <= SYM_RANGE) & (range2 >= 0) & (range2 <= SYM_RANGE)
     vec = torch.stack(
         [
             shift64,
@@ -657,8 +665,10 @@ def sym_lse_bwd(
     g = g_lse.to(torch.float64)
     rho = torch.where(fin, g * scale * torch.exp(torch.minimum(plan.l1 - l, plan.range1)), 0.0)
     kap = torch.where(fin, g * torch.exp(torch.minimum(plan.l2 - l, plan.range2)), 0.0)
+    # A kernel adds two such constants (times factors <= 1): a quarter of fp32's range.
+    big = torch.finfo(torch.float32).max / 4
+    ok = plan.ok & (rho.abs() <= big).all() & (kap.abs() <= big).all()  # False for NaN
     rho, kap = rho.float(), kap.float()
-    ok = plan.ok & torch.isfinite(rho).all() & torch.isfinite(kap).all()
     gate = ok.to(torch.int32).reshape(1)
     dq, dk = _backward(K.MODE_LSE, g_lse, lse, g_psum, *general, pos_weight, gate)
     dz = torch.zeros((n, d), dtype=torch.float32, device=z.device)

@@ -902,8 +902,10 @@ SymPlan sym_plan(const Operands& o, double scale, double w_pos, double w_neg, do
   p.mmax = pmax;
   p.range2 = p.has_k1 ? 2 * p.r2 + std::log(pmax / pmin) : 0.0;
   const double limit = o.q.scalar_type() == at::kDouble ? 700.0 : 80.0;
-  p.ok = std::isfinite(p.range1) && std::isfinite(p.range2) && p.range1 <= limit &&
-         p.range2 <= limit;
+  // A negative scale (no loss passes one; the op may be called directly) would make the
+  // "shift" a lower bound: the general path then.
+  p.ok = scale >= 0 && std::isfinite(p.range1) && std::isfinite(p.range2) &&
+         p.range1 <= limit && p.range2 <= limit;
   return p;
 }
 
