@@ -26,7 +26,8 @@ row i and row j; TCL's k1 terms use f_ij = e^{−s_ij − R²}. Weights are norm
 largest value (c_pos = w_pos/c_max, c_neg = w_neg/c_max, 1/m_max). The launcher checks on the
 device that no term can fall below e^{−80} (fp32's exponential flushes to 0 below e^{−87.3});
 where one could (tiny temperatures, large norms, widely spread mask weights) the int32 gate is
-0, these kernels return at once and the general kernels, compiled with ``GATED``, run instead.
+0, these kernels return at once and the general kernels, compiled with ``GATED``, run instead
+(the backward's gate also requires the row constants ρ, κ within a quarter of fp32's range).
 The decision never reaches the host: no synchronisation, and nothing for torch.compile to
 guard on. The softplus pass (MODE_SP, SINCERE) has no shift: its per-pair functions depend on
 η_i, so a pair costs two σ/softplus evaluations and shares only the product.
