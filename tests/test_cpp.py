@@ -10,7 +10,16 @@ import torch
 
 from flashcon.backends import torch_stream
 from flashcon.engine import cpp_available
-from flashcon.testing import LOSSES, OPTIONS, assert_close, loss_fn, make_inputs, value_and_grads
+from flashcon.testing import (
+    LOSSES,
+    OPTIONS,
+    assert_close,
+    check_against_reference,
+    label_extremes,
+    loss_fn,
+    make_inputs,
+    value_and_grads,
+)
 
 _OK, _WHY = cpp_available("cpu")
 pytestmark = pytest.mark.skipif(not _OK, reason=f"flashcon._C is not available: {_WHY}")
@@ -68,16 +77,7 @@ def test_genscl_soft_label_shapes(soft, v):
 @pytest.mark.parametrize("labels", ["same", "singleton"])
 @pytest.mark.parametrize("loss", LOSSES)
 def test_label_extremes(loss, labels):
-    x = make_inputs(loss, 9, 2, 5)
-    if "labels" in x:
-        x["labels"] = torch.zeros(9, dtype=torch.long) if labels == "same" else torch.arange(9)
-        if loss == "esupcon":
-            x["prototypes"] = torch.randn(9, 5, dtype=torch.float64)
-    ref_val, ref_g = value_and_grads(loss_fn(loss, None), x)
-    val, g = value_and_grads(loss_fn(loss, "cpu"), x)
-    assert_close(val, ref_val, atol=1e-10, rtol=1e-10, name="loss")
-    for key in ref_g:
-        assert_close(g[key], ref_g[key], atol=1e-10, rtol=1e-9, name=f"d{key}")
+    check_against_reference(loss, "cpu", label_extremes(loss, labels))
 
 
 def test_supcon_labels_none_is_simclr():

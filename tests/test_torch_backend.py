@@ -7,7 +7,15 @@ import torch
 
 from flashcon.backends import torch_stream
 from flashcon.engine import _TORCH_OPS
-from flashcon.testing import LOSSES, OPTIONS, assert_close, loss_fn, make_inputs, value_and_grads
+from flashcon.testing import (
+    LOSSES,
+    OPTIONS,
+    check_against_reference,
+    label_extremes,
+    loss_fn,
+    make_inputs,
+    value_and_grads,
+)
 
 SHAPES = [(1, 0, 3), (3, 1, 7), (5, 2, 1), (7, 3, 16), (37, 2, 33), (65, 2, 130)]
 
@@ -27,26 +35,13 @@ def test_parity_float64(loss, options, shape, chunk, monkeypatch):
     monkeypatch.setenv("FLASHCON_TORCH_CHUNK_ELEMS", str(chunk))
     b, v, d = shape
     x = make_inputs(loss, b, v, d, n_classes=3, norm=None if d > 8 else 1.0)
-    ref_val, ref_g = value_and_grads(loss_fn(loss, None, **options), x)
-    val, g = value_and_grads(loss_fn(loss, "torch", **options), x)
-    assert_close(val, ref_val, atol=1e-10, rtol=1e-10, name="loss")
-    for key in ref_g:
-        assert_close(g[key], ref_g[key], atol=1e-10, rtol=1e-9, name=f"d{key}")
+    check_against_reference(loss, "torch", x, **options)
 
 
 @pytest.mark.parametrize("labels", ["same", "singleton"])
 @pytest.mark.parametrize("loss", LOSSES)
 def test_label_extremes(loss, labels):
-    x = make_inputs(loss, 9, 2, 5)
-    if "labels" in x:
-        x["labels"] = torch.zeros(9, dtype=torch.long) if labels == "same" else torch.arange(9)
-        if loss == "esupcon":
-            x["prototypes"] = torch.randn(9, 5, dtype=torch.float64)
-    ref_val, ref_g = value_and_grads(loss_fn(loss, None), x)
-    val, g = value_and_grads(loss_fn(loss, "torch"), x)
-    assert_close(val, ref_val, atol=1e-10, rtol=1e-10)
-    for key in ref_g:
-        assert_close(g[key], ref_g[key], atol=1e-10, rtol=1e-9, name=f"d{key}")
+    check_against_reference(loss, "torch", label_extremes(loss, labels))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -131,6 +131,26 @@ def value_and_grads(fn: Callable[..., Tensor], inputs: dict) -> tuple[Tensor, di
     }
 
 
+def check_against_reference(loss: str, backend: str, x: dict, **options) -> None:
+    """Value and gradients of ``backend`` equal the float64 reference's on ``x`` (float64)."""
+    ref_val, ref_g = value_and_grads(loss_fn(loss, None, **options), x)
+    val, g = value_and_grads(loss_fn(loss, backend, **options), x)
+    assert_close(val, ref_val, atol=1e-10, rtol=1e-10, name="loss")
+    for key in ref_g:
+        assert_close(g[key], ref_g[key], atol=1e-10, rtol=1e-9, name=f"d{key}")
+
+
+def label_extremes(loss: str, labels: str) -> dict:
+    """Inputs where every label is the same ("same") or every sample its own class
+    ("singleton": no positive anywhere; ESupCon then has a prototype per sample)."""
+    x = make_inputs(loss, 9, 2, 5)
+    if "labels" in x:
+        x["labels"] = torch.zeros(9, dtype=torch.long) if labels == "same" else torch.arange(9)
+        if loss == "esupcon":
+            x["prototypes"] = torch.randn(9, 5, dtype=torch.float64)
+    return x
+
+
 # --------------------------------------------------------------------------------------------
 # Distributed parity (used by tests/test_distributed.py; lives here so spawned workers can
 # import it by name).
