@@ -148,8 +148,9 @@ def flags(
 ) -> dict:
     """Compile-time flags the launchers pass (the kernel report enumerates the same set).
 
-    ``kind`` 'sym' gives the symmetric kernels' flags (no self offset: the own column is
-    always excluded; no gate flag: they always read theirs)."""
+    ``kind`` 'sp' gives the softplus pass's (no weights, no k1, no gate), 'sym' the symmetric
+    kernels' (no self offset: the own column is always excluded; no gate flag: they always
+    read theirs)."""
     chunk = cfg.block_d if kind == "fwd" else max(cfg.block_d, cfg.block_do)
     fl = {
         "HAS_K1": k1 > 0,
@@ -160,6 +161,8 @@ def flags(
         "GATED": bool(gated),
         "EVEN_D": d % chunk == 0,
     }
+    if kind == "sp":
+        del fl["HAS_K1"], fl["HAS_PW"], fl["GATED"]
     if kind == "sym":
         del fl["HAS_SELF"], fl["GATED"]
     return fl
@@ -376,8 +379,7 @@ def sp_fwd(
     if n == 0:
         return sp, r
     cfg = config or pick_config("sp", arch_of(q.device), q.dtype, d)
-    fl = flags("fwd", cfg, d, self_offset, 0.0, multilabel)
-    del fl["HAS_K1"], fl["HAS_PW"], fl["GATED"]
+    fl = flags("sp", cfg, d, self_offset, 0.0, multilabel)
     args = (
         q, k, qlab, klab, _stat_in(eta), sp, r, n, m, d, q.stride(0), k.stride(0),
         max(self_offset, 0), float(scale),

@@ -174,6 +174,18 @@ def _pair_weights(
 
 
 @triton.jit
+def _fp32(scale, log_w_pos, log_w_neg, log_k1):
+    """The runtime scalars pinned to fp32: Inductor launches (torch.compile) pass them as fp64,
+    and the loop-carried statistics must keep one type."""
+    return (
+        tl.cast(scale, tl.float32),
+        tl.cast(log_w_pos, tl.float32),
+        tl.cast(log_w_neg, tl.float32),
+        tl.cast(log_k1, tl.float32),
+    )
+
+
+@triton.jit
 def _sigmoid_softplus(x):
     """σ(x) and softplus(x) without overflow: both from z = e^{−|x|} ∈ (0, 1]."""
     z = tl.exp(-tl.abs(x))
@@ -222,12 +234,7 @@ def _lse_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # Scalars arrive as fp64 when Inductor launches the kernel (torch.compile):
-    # pin them to fp32 so the loop-carried statistics keep one type.
-    scale = tl.cast(scale, tl.float32)
-    log_w_pos = tl.cast(log_w_pos, tl.float32)
-    log_w_neg = tl.cast(log_w_neg, tl.float32)
-    log_k1 = tl.cast(log_k1, tl.float32)
+    scale, log_w_pos, log_w_neg, log_k1 = _fp32(scale, log_w_pos, log_w_neg, log_k1)
     if GATED:
         if tl.load(gate_ptr) != 0:
             return  # the symmetric kernels did this work (sym.py)
@@ -413,10 +420,7 @@ def _bwd_dq_kernel(
     BLOCK_DO: tl.constexpr,
 ):
     """dq[rows, d-chunk] = Σ over column tiles of G_tile · k_tile[:, d-chunk]."""
-    scale = tl.cast(scale, tl.float32)
-    log_w_pos = tl.cast(log_w_pos, tl.float32)
-    log_w_neg = tl.cast(log_w_neg, tl.float32)
-    log_k1 = tl.cast(log_k1, tl.float32)
+    scale, log_w_pos, log_w_neg, log_k1 = _fp32(scale, log_w_pos, log_w_neg, log_k1)
     if GATED:
         if tl.load(gate_ptr) != 0:
             return
@@ -506,10 +510,7 @@ def _bwd_dk_kernel(
     Here the program owns BLOCK_N columns and streams BLOCK_M anchor rows; each G tile is
     formed as [BLOCK_M, BLOCK_N] exactly as in the dq kernel and enters the product transposed.
     """
-    scale = tl.cast(scale, tl.float32)
-    log_w_pos = tl.cast(log_w_pos, tl.float32)
-    log_w_neg = tl.cast(log_w_neg, tl.float32)
-    log_k1 = tl.cast(log_k1, tl.float32)
+    scale, log_w_pos, log_w_neg, log_k1 = _fp32(scale, log_w_pos, log_w_neg, log_k1)
     if GATED:
         if tl.load(gate_ptr) != 0:
             return

@@ -450,6 +450,14 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
           pos_mode(multilabel, pw)};
 }
 
+// The log-sum-exp's weights as the kernels read them (log 0 = −inf: the term vanishes).
+void set_lse_weights(Params& p, double w_pos, double w_neg, double k1) {
+  p.lw_pos = tm::log_weight<float>(w_pos);
+  p.lw_neg = tm::log_weight<float>(w_neg);
+  p.lk1 = tm::log_weight<float>(k1);
+  p.has_k1 = k1 > 0;
+}
+
 Params base_params(const Prepared& o, int64_t self_offset, double scale) {
   Params p{};
   p.mode = o.mode;
@@ -525,10 +533,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_fwd(const at::Tensor& q, cons
              pcnt = at::empty({o.pr.n}, opts);
   if (o.pr.n == 0) return {lse, psum, pcnt};
   Params p = base_params(o, self_offset, scale);
-  p.lw_pos = tm::log_weight<float>(w_pos);
-  p.lw_neg = tm::log_weight<float>(w_neg);
-  p.lk1 = tm::log_weight<float>(k1);
-  p.has_k1 = k1 > 0;
+  set_lse_weights(p, w_pos, w_neg, k1);
   p.out0 = lse.data_ptr<float>();
   p.out1 = psum.data_ptr<float>();
   p.out2 = pcnt.data_ptr<float>();
@@ -557,10 +562,7 @@ std::tuple<at::Tensor, at::Tensor> lse_bwd(const at::Tensor& g_lse, const at::Te
                    ls = lse.detach().contiguous();
   at::Tensor dq = at::empty_like(o.q), dk = at::empty_like(o.k);
   Params p = base_params(o, self_offset, scale);
-  p.lw_pos = tm::log_weight<float>(w_pos);
-  p.lw_neg = tm::log_weight<float>(w_neg);
-  p.lk1 = tm::log_weight<float>(k1);
-  p.has_k1 = k1 > 0;
+  set_lse_weights(p, w_pos, w_neg, k1);
   p.g_lse = gl.data_ptr<float>();
   p.g_psum = gp.data_ptr<float>();
   p.lse = ls.data_ptr<float>();

@@ -364,7 +364,7 @@ def _discover_triton() -> None:
         _WHY["triton"] = f"flashcon.triton_kernels could not be imported: {e}"
         return
     _OPS["triton"] = tops.OPS
-    _SYM_OPS["triton"] = getattr(tops, "SYM_OPS", None)
+    _SYM_OPS["triton"] = tops.SYM_OPS
 
 
 def triton_available() -> tuple[bool, str]:
