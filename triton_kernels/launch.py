@@ -177,11 +177,26 @@ def _check_pos_weight(pos_weight: Tensor) -> None:
         raise ValueError(f"pos_weight has {pos_weight.numel()} entries; at most 2^31 - 1 supported")
 
 
+def _unused(device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The placeholder of a pointer argument the kernel is compiled not to touch: a buffer of
+    its own, never another argument's storage.
+
+    torch.compile functionalises a ``wrap_triton`` launch by cloning every argument that
+    torch's access analysis (``torch._higher_order_ops.triton_kernel_wrap``) reports written,
+    running the kernel on the clones and copying each clone back. The analysis is conservative
+    (an atomic makes every pointer it may reach "written"), so an output passed again as a
+    placeholder was cloned twice and the untouched placeholder clone, copied back last, erased
+    the kernel's results: the loss was 0 under torch.compile on a GPU. ``tests/test_launch_args.py``
+    checks every launch for such aliasing without a GPU. An allocation launches nothing."""
+    return torch.empty(1, dtype=dtype, device=device)
+
+
 def _pw_args(pos_weight: Tensor | None, like: Tensor, n: int, m: int) -> tuple:
     """(mask, i mod Bq [N], j mod Bk [M], Bk) of SupContrast's [Bq, Bk] mask; placeholders
     without one (never read: the kernel is compiled without HAS_PW)."""
     if pos_weight is None:
-        return like, like, like, 1
+        dev = like.device
+        return _unused(dev), _unused(dev, torch.int32), _unused(dev, torch.int32), 1
     _check_pos_weight(pos_weight)
     pw = pos_weight.to(device=like.device, dtype=torch.float32).contiguous()
     ridx = torch.arange(n, device=like.device, dtype=torch.int32) % pw.shape[0]
@@ -355,7 +370,7 @@ def lse_fwd(
     args = (
         q, k, qlab, klab, lse, psum, pcnt, n, m, d, q.stride(0), k.stride(0),
         max(self_offset, 0), float(scale), _log_w(w_pos), _log_w(w_neg), _log_w(k1),
-        *_pw_args(pos_weight, lse, n, m), lse if gate is None else gate,
+        *_pw_args(pos_weight, lse, n, m), _unused(q.device, torch.int32) if gate is None else gate,
     )  # fmt: skip
     _launch("_lse_fwd_kernel", "fwd", n, d, cfg, {**fl, "DOT_PREC": dot_precision(q.dtype)}, args)
     return lse, psum, pcnt
@@ -425,7 +440,7 @@ def _backward(
     )  # fmt: skip
     consts = (
         max(self_offset, 0), float(scale), _log_w(w_pos), _log_w(w_neg), _log_w(k1),
-        *_pw_args(pos_weight, g0, n, m), g0 if gate is None else gate,
+        *_pw_args(pos_weight, g0, n, m), _unused(q.device, torch.int32) if gate is None else gate,
     )  # fmt: skip
     _launch(
         "_bwd_dq_kernel", "bwd", n, d, cfg, fl,
@@ -619,7 +634,7 @@ def sym_lse_fwd(
         "sym_fwd", z, d, k1, multilabel, pos_weight is not None, K.MODE_LSE, config
     )
     args = (
-        z, lab, sums, plan.vec, gate, sums, n, d, z.stride(0), float(scale),
+        z, lab, _unused(z.device), plan.vec, gate, sums, n, d, z.stride(0), float(scale),
         *_pw_args(pos_weight, sums, n, n),
     )  # fmt: skip
     _launch_sym("_sym_fwd_kernel", n, cfg, fl, args)
@@ -704,7 +719,7 @@ def sym_sp_fwd(
     gate = torch.ones(1, dtype=torch.int32, device=z.device)
     cfg, fl = _sym_setup("sym_fwd", z, d, 0.0, multilabel, False, K.MODE_SP, config)
     args = (
-        z, lab, _stat_in(eta), sums, gate, sums, n, d, z.stride(0), float(scale),
+        z, lab, _stat_in(eta), _unused(z.device), gate, sums, n, d, z.stride(0), float(scale),
         *_pw_args(None, sums, n, n),
     )  # fmt: skip
     _launch_sym("_sym_fwd_kernel", n, cfg, fl, args)
@@ -733,8 +748,8 @@ def sym_sp_bwd(
     cfg, fl = _sym_setup("sym_bwd", z, d, 0.0, multilabel, False, K.MODE_SP, config)
     g = _stat_in(g_sp)
     args = (
-        z, lab, g, _stat_in(eta), g, g, gate, dz, n, d, z.stride(0), dz.stride(0),
-        float(scale), *_pw_args(None, dz, n, n),
+        z, lab, g, _stat_in(eta), _unused(z.device), _unused(z.device), gate, dz, n, d,
+        z.stride(0), dz.stride(0), float(scale), *_pw_args(None, dz, n, n),
     )  # fmt: skip
     _launch_sym("_sym_bwd_kernel", n, cfg, fl, args)
     return dz.to(z.dtype)[:, :d_true]
