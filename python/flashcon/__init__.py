@@ -2,8 +2,11 @@
 
 Every loss is computed by streaming over tiles of the N×M similarity matrix with online row
 statistics, forward and backward, in O(N·D) memory. See ``flashcon.functional`` for the
-losses, ``flashcon.reference`` for the dense oracle, ``flashcon.engine`` for the contract
-every backend implements.
+losses (``flashcon.modules`` for their ``nn.Module`` forms), ``flashcon.queue`` for the
+memory queue, ``flashcon.distributed`` for ``gather_distributed``, ``flashcon.pml`` for the
+pytorch-metric-learning stand-in, ``flashcon.reference`` for the dense oracle,
+``flashcon.engine`` for the contract every backend implements and ``python -m flashcon.info``
+for what this install can run.
 """
 
 import torch  # noqa: F401  (must be imported before the extension is loaded)

@@ -29,6 +29,11 @@ def _check(group) -> None:
 
 
 def world_and_rank(group=None) -> tuple[int, int]:
+    """(world size W, this process's rank) in ``group``; raises without a process group.
+
+    Args:
+        group: the process group (default: the world).
+    """
     _check(group)
     return dist.get_world_size(group), dist.get_rank(group)
 
@@ -39,6 +44,10 @@ def gather_rows(x: Tensor, group=None) -> tuple[Tensor, int]:
     Row counts may differ between ranks (rows are padded for the collective and the padding is
     dropped). When ``x`` requires grad the gather is differentiable: the gradient reaching each
     rank's ``x`` is the sum over ranks of the gradients of their copies.
+
+    Args:
+        x: this rank's rows ``[n_r, ...]`` (same trailing shape and dtype on every rank).
+        group: the process group (default: the world).
     """
     world, rank = world_and_rank(group)
     n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)

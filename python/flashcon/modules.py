@@ -13,7 +13,18 @@ from .queue import MemoryQueue
 
 
 class SupConLoss(nn.Module):
-    """Drop-in for SupContrast's ``SupConLoss``: ``forward(features, labels=None, mask=None)``."""
+    """Drop-in for SupContrast's ``SupConLoss``: ``forward(features, labels=None, mask=None)``.
+
+    Args:
+        temperature: τ (default 0.07).
+        contrast_mode: ``'all'`` (default) or ``'one'``.
+        base_temperature: τ_b (default 0.07); the loss is scaled by τ/τ_b.
+        variant: ``'out'`` (default, L_out) or ``'in'`` (L_in).
+        backend: as the functional losses' ``backend`` (default ``'auto'``).
+        gather_distributed: gather the global batch from every rank of ``group`` (see
+            :func:`flashcon.supcon_loss`).
+        group: the process group (default: the world).
+    """
 
     def __init__(
         self,
@@ -42,6 +53,14 @@ class SupConLoss(nn.Module):
         *,
         queue: MemoryQueue | None = None,
     ) -> Tensor:
+        """The loss of :func:`flashcon.supcon_loss` with this module's options.
+
+        Args:
+            features: ``[B, V, D]`` or ``[N, D]``.
+            labels: class ids ``[B]``, multi-hot bool ``[B, L]`` or ``None`` (SimCLR).
+            mask: SupContrast's ``[B, B]`` positive weights (exclusive with ``labels``).
+            queue: an optional :class:`flashcon.MemoryQueue` of extra contrast columns.
+        """
         return F.supcon_loss(
             features,
             labels,
@@ -65,7 +84,15 @@ class SupConLoss(nn.Module):
 
 
 class NTXentLoss(nn.Module):
-    """NT-Xent / SimCLR: ``forward(features [B, V, D])``."""
+    """NT-Xent / SimCLR: ``forward(features [B, V, D])``.
+
+    Args:
+        temperature: τ (default 0.5).
+        backend: as the functional losses' ``backend`` (default ``'auto'``).
+        gather_distributed: gather the global batch from every rank of ``group`` (see
+            :func:`flashcon.supcon_loss`).
+        group: the process group (default: the world).
+    """
 
     def __init__(
         self,
@@ -81,6 +108,12 @@ class NTXentLoss(nn.Module):
         self.group = group
 
     def forward(self, features: Tensor, *, queue: MemoryQueue | None = None) -> Tensor:
+        """The loss of :func:`flashcon.ntxent_loss` with this module's options.
+
+        Args:
+            features: ``[B, V, D]``.
+            queue: an optional :class:`flashcon.MemoryQueue` of extra contrast columns.
+        """
         return F.ntxent_loss(
             features,
             temperature=self.temperature,
@@ -92,7 +125,15 @@ class NTXentLoss(nn.Module):
 
 
 class SINCERELoss(nn.Module):
-    """SINCERE: ``forward(features, labels)``."""
+    """SINCERE: ``forward(features, labels)``.
+
+    Args:
+        temperature: τ (default 0.07).
+        backend: as the functional losses' ``backend`` (default ``'auto'``).
+        gather_distributed: gather the global batch from every rank of ``group`` (see
+            :func:`flashcon.supcon_loss`).
+        group: the process group (default: the world).
+    """
 
     def __init__(
         self,
@@ -110,6 +151,13 @@ class SINCERELoss(nn.Module):
     def forward(
         self, features: Tensor, labels: Tensor, *, queue: MemoryQueue | None = None
     ) -> Tensor:
+        """The loss of :func:`flashcon.sincere_loss` with this module's options.
+
+        Args:
+            features: ``[B, V, D]`` or ``[N, D]``.
+            labels: class ids ``[B]`` or multi-hot bool ``[B, L]``.
+            queue: an optional :class:`flashcon.MemoryQueue` of extra contrast columns.
+        """
         return F.sincere_loss(
             features,
             labels,
@@ -122,7 +170,16 @@ class SINCERELoss(nn.Module):
 
 
 class GenSCLLoss(nn.Module):
-    """GenSCL: ``forward(features, soft_labels)`` with soft labels ``[B, K]`` or ``[B, V, K]``."""
+    """GenSCL: ``forward(features, soft_labels)`` with soft labels ``[B, K]`` or ``[B, V, K]``.
+
+    Args:
+        temperature: τ (default 0.07).
+        base_temperature: τ_b (default 0.07); the loss is scaled by τ/τ_b.
+        backend: as the functional losses' ``backend`` (default ``'auto'``).
+        gather_distributed: gather the global batch from every rank of ``group`` (see
+            :func:`flashcon.supcon_loss`).
+        group: the process group (default: the world).
+    """
 
     def __init__(
         self,
@@ -142,6 +199,13 @@ class GenSCLLoss(nn.Module):
     def forward(
         self, features: Tensor, soft_labels: Tensor, *, queue: MemoryQueue | None = None
     ) -> Tensor:
+        """The loss of :func:`flashcon.genscl_loss` with this module's options.
+
+        Args:
+            features: ``[B, V, D]`` or ``[N, D]``.
+            soft_labels: non-negative ``[B, K]`` or ``[B, V, K]``.
+            queue: an optional :class:`flashcon.MemoryQueue` holding soft labels.
+        """
         return F.genscl_loss(
             features,
             soft_labels,
@@ -155,7 +219,17 @@ class GenSCLLoss(nn.Module):
 
 
 class TCLLoss(nn.Module):
-    """Tuned Contrastive Learning: ``forward(features, labels)``."""
+    """Tuned Contrastive Learning: ``forward(features, labels)``.
+
+    Args:
+        temperature: τ (default 0.1).
+        k1: weight of the positives' e^{−s} term (default 5000).
+        k2: weight of the negatives (default 1).
+        backend: as the functional losses' ``backend`` (default ``'auto'``).
+        gather_distributed: gather the global batch from every rank of ``group`` (see
+            :func:`flashcon.supcon_loss`).
+        group: the process group (default: the world).
+    """
 
     def __init__(
         self,
@@ -177,6 +251,13 @@ class TCLLoss(nn.Module):
     def forward(
         self, features: Tensor, labels: Tensor, *, queue: MemoryQueue | None = None
     ) -> Tensor:
+        """The loss of :func:`flashcon.tcl_loss` with this module's options.
+
+        Args:
+            features: ``[B, V, D]`` or ``[N, D]``.
+            labels: class ids ``[B]`` or multi-hot bool ``[B, L]``.
+            queue: an optional :class:`flashcon.MemoryQueue` of extra contrast columns.
+        """
         return F.tcl_loss(
             features,
             labels,
@@ -195,6 +276,19 @@ class ESupConLoss(nn.Module):
 
     ``forward(features, labels)`` returns the loss; ``logits(z)`` the classifier logits
     z·u_k/τ (p(y=k|z) = softmax over k); ``predict(z)`` the arg-max class.
+
+    Args:
+        num_classes: K, the number of prototypes.
+        dim: D, the embedding width.
+        temperature: τ (default 0.1).
+        base_temperature: τ_b (default ``None``: τ_b = τ).
+        prototype_anchors: also use the prototypes as anchors (default ``True``).
+        backend: as the functional losses' ``backend`` (default ``'auto'``).
+        gather_distributed: gather the global batch from every rank of ``group`` (see
+            :func:`flashcon.supcon_loss`).
+        group: the process group (default: the world).
+        device: where the prototypes are created.
+        dtype: their dtype (default: torch's default floating dtype).
     """
 
     def __init__(
@@ -230,6 +324,13 @@ class ESupConLoss(nn.Module):
     def forward(
         self, features: Tensor, labels: Tensor, *, queue: MemoryQueue | None = None
     ) -> Tensor:
+        """The loss of :func:`flashcon.esupcon_loss` against this module's prototypes.
+
+        Args:
+            features: ``[B, V, D]`` or ``[N, D]``.
+            labels: class ids in ``[0, K)`` ``[B]`` or multi-hot bool ``[B, L]`` (L <= K).
+            queue: an optional :class:`flashcon.MemoryQueue` of extra contrast columns.
+        """
         return F.esupcon_loss(
             features,
             labels,
@@ -244,8 +345,18 @@ class ESupConLoss(nn.Module):
         )
 
     def logits(self, z: Tensor) -> Tensor:
+        """Classifier logits z·u_k/τ ``[N, K]``.
+
+        Args:
+            z: ``[N, D]`` embeddings.
+        """
         return F.esupcon_logits(z, self.prototypes, self.temperature)
 
     @torch.no_grad()
     def predict(self, z: Tensor) -> Tensor:
+        """The arg-max class ``[N]`` of each embedding (no gradient).
+
+        Args:
+            z: ``[N, D]`` embeddings.
+        """
         return self.logits(z).argmax(dim=1)

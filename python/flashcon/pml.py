@@ -26,6 +26,14 @@ from .engine import get_engine, resolve_backend
 
 
 class SupConLoss(nn.Module):
+    """pytorch-metric-learning's ``SupConLoss``, streamed (semantics in the module docstring).
+
+    Args:
+        temperature: τ (default 0.1, the library's).
+        backend: a streaming backend, as the functional losses' ``backend`` (default
+            ``'auto'``; ``'reference'`` is refused).
+    """
+
     def __init__(self, temperature: float = 0.1, backend: str = "auto") -> None:
         super().__init__()
         self.temperature = V.check_temperature(temperature, "temperature")
@@ -39,6 +47,15 @@ class SupConLoss(nn.Module):
         ref_emb: Tensor | None = None,
         ref_labels: Tensor | None = None,
     ) -> Tensor:
+        """The loss (fp32; fp64 for fp64 embeddings).
+
+        Args:
+            embeddings: ``[N, D]``, L2-normalised inside.
+            labels: integer class ids ``[N]`` (required).
+            indices_tuple: mined pairs; must be ``None`` (they cannot be streamed: raises).
+            ref_emb: optional ``[M, D]`` reference embeddings used as the columns.
+            ref_labels: their class ids ``[M]`` (required with ``ref_emb``).
+        """
         if indices_tuple is not None:
             raise ValueError(
                 "flashcon.pml.SupConLoss streams over all pairs and cannot take indices_tuple "

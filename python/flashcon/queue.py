@@ -2,9 +2,9 @@
 
 MoCo-style training contrasts each batch against the last Q embeddings as well as against the
 batch. :class:`MemoryQueue` keeps them (detached: they receive no gradient) with their integer
-labels or soft labels, and every loss takes it as ``queue=``: the queue rows are appended to
-the contrast columns, never an anchor and never anyone's own column. Push *after* computing the
-loss, so a batch is not contrasted with itself twice.
+labels, multi-hot labels or soft labels, and every loss takes it as ``queue=``: the queue rows
+are appended to the contrast columns, never an anchor and never anyone's own column. Push
+*after* computing the loss, so a batch is not contrasted with itself twice.
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ class MemoryQueue(nn.Module):
             of integer labels.
         multilabel: the queue stores multi-hot labels (pushed as bool ``[B, L]``, kept as
             int64 bitmasks) for losses called with multi-hot labels.
+        dtype: dtype of the stored embeddings (and soft labels), default fp32; rows are cast
+            to the features' dtype when a loss reads them.
+        device: where the buffers live; must be the features' device when a loss reads them.
     """
 
     def __init__(
@@ -64,16 +67,20 @@ class MemoryQueue(nn.Module):
 
     @property
     def labels(self) -> Tensor:
-        """Their integer labels ``[len(self)]`` or soft labels ``[len(self), K]``."""
+        """Their labels: integer ``[len(self)]`` (class ids, or int64 bitmasks of multi-hot
+        labels) or soft ``[len(self), K]``."""
         return self._labels[: len(self)]
 
     @torch.no_grad()
     def push(self, features: Tensor, labels: Tensor | None = None) -> None:
-        """Enqueue a batch (``[B, V, D]`` or ``[N, D]``, flattened view-major like the losses).
+        """Enqueue a batch (detached); once full, the oldest rows are overwritten.
 
-        ``labels``: integer ``[B]`` or soft ``[B, K]`` / ``[B, V, K]`` to match the queue's
-        kind; may be omitted for an integer queue used only as negatives (NT-Xent), in which
-        case the rows get label −1.
+        Args:
+            features: ``[B, V, D]`` or ``[N, D]``, flattened view-major like the losses.
+            labels: to match the queue's kind: class ids ``[B]``, multi-hot bool ``[B, L]``
+                (a ``multilabel`` queue) or soft ``[B, K]`` / ``[B, V, K]``; may be omitted
+                for a class-id queue used only as negatives (NT-Xent), whose rows then get
+                label −1.
         """
         z, b, v = V.flatten_features(features, "features")
         if z.shape[1] != self._feats.shape[1]:
@@ -106,7 +113,13 @@ class MemoryQueue(nn.Module):
         self._count.fill_(min(self.size, int(self._count) + n))
 
     def check_for(self, z: Tensor, soft: bool, multilabel: bool = False) -> tuple[Tensor, Tensor]:
-        """The queue's (features, labels) ready to append to ``z``'s columns."""
+        """The queue's (features, labels) to append to ``z``'s columns (used by the losses).
+
+        Args:
+            z: the loss's flattened features ``[N, D]`` (width, device and dtype are matched).
+            soft: the loss needs soft labels (GenSCL).
+            multilabel: the loss has multi-hot labels.
+        """
         if not soft and multilabel != self.multilabel:
             raise ValueError(
                 f"the loss has {'multi-hot' if multilabel else 'class-id'} labels but the queue "

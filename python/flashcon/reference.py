@@ -2,7 +2,8 @@
 
 Each function builds the full N×M logit matrix and applies the formulas of LOSSES.md directly,
 in the dtype of its input (call it with float64 tensors for an oracle). They share the public
-functions' signatures, less the ``backend`` argument, and validate their input the same way.
+functions' signatures and argument documentation, less the ``backend``, ``gather_distributed``
+and ``group`` arguments (one process only), and validate their input the same way.
 
 Policies (the same in every backend):
 - an anchor without positives contributes 0 and still counts in the mean (SupContrast HEAD);
@@ -119,7 +120,10 @@ def supcon_loss(
     variant: str = "out",
     queue: MemoryQueue | None = None,
 ) -> Tensor:
-    """Dense SupCon (LOSSES.md §1): L_out or L_in, 'all' or 'one' contrast mode."""
+    """Dense SupCon (LOSSES.md §1): L_out or L_in, 'all' or 'one' contrast mode.
+
+    Arguments as :func:`flashcon.supcon_loss`.
+    """
     z, b, v = V.flatten_features(features, "features")
     V.check_temperature(temperature, "temperature")
     V.check_temperature(base_temperature, "base_temperature")
@@ -160,7 +164,10 @@ def supcon_loss(
 def ntxent_loss(
     features: Tensor, *, temperature: float = 0.5, queue: MemoryQueue | None = None
 ) -> Tensor:
-    """Dense NT-Xent / SimCLR: SupCon with the sample id as label, no base-temperature scale."""
+    """Dense NT-Xent / SimCLR: SupCon with the sample id as label, no base-temperature scale.
+
+    Arguments as :func:`flashcon.ntxent_loss`.
+    """
     V.check_multiview(features, "features")
     return supcon_loss(
         features, None, None, temperature=temperature, base_temperature=temperature, queue=queue
@@ -174,7 +181,10 @@ def sincere_loss(
     temperature: float = 0.07,
     queue: MemoryQueue | None = None,
 ) -> Tensor:
-    """Dense SINCERE (LOSSES.md §2): each positive against the negatives only."""
+    """Dense SINCERE (LOSSES.md §2): each positive against the negatives only.
+
+    Arguments as :func:`flashcon.sincere_loss`.
+    """
     z, b, v = V.flatten_features(features, "features")
     V.check_temperature(temperature, "temperature")
     y, ml = V.check_label_input(labels, b, z, required=True)
@@ -203,7 +213,10 @@ def genscl_loss(
     base_temperature: float = 0.07,
     queue: MemoryQueue | None = None,
 ) -> Tensor:
-    """Dense GenSCL (LOSSES.md §3): cross-entropy of label cosine similarity vs latent softmax."""
+    """Dense GenSCL (LOSSES.md §3): cross-entropy of label cosine similarity vs latent softmax.
+
+    Arguments as :func:`flashcon.genscl_loss`.
+    """
     z, b, v = V.flatten_features(features, "features")
     V.check_temperature(temperature, "temperature")
     V.check_temperature(base_temperature, "base_temperature")
@@ -235,7 +248,10 @@ def tcl_loss(
     k2: float = 1.0,
     queue: MemoryQueue | None = None,
 ) -> Tensor:
-    """Dense TCL (LOSSES.md §4), row form; the k1 term uses e^{−s} without τ, as the code does."""
+    """Dense TCL (LOSSES.md §4), row form; the k1 term uses e^{−s} without τ, as the code does.
+
+    Arguments as :func:`flashcon.tcl_loss`.
+    """
     z, b, v = V.flatten_features(features, "features")
     V.check_temperature(temperature, "temperature")
     V.check_nonneg(k1, "k1")
@@ -272,7 +288,10 @@ def tcl_loss(
 
 
 def esupcon_logits(features: Tensor, prototypes: Tensor, temperature: float = 0.1) -> Tensor:
-    """Classifier logits z·u_k/τ with u_k = w_k/‖w_k‖ (p(y=k|z) = softmax_k of these)."""
+    """Classifier logits z·u_k/τ with u_k = w_k/‖w_k‖ (p(y=k|z) = softmax_k of these).
+
+    Arguments as :func:`flashcon.esupcon_logits` (not validated here).
+    """
     u = prototypes / prototypes.norm(dim=1, keepdim=True)
     return features @ u.T / temperature
 
@@ -287,7 +306,10 @@ def esupcon_loss(
     prototype_anchors: bool = True,
     queue: MemoryQueue | None = None,
 ) -> Tensor:
-    """Dense ESupCon (LOSSES.md §5, flashcon's definition): samples and class prototypes."""
+    """Dense ESupCon (LOSSES.md §5, flashcon's definition): samples and class prototypes.
+
+    Arguments as :func:`flashcon.esupcon_loss`.
+    """
     z, b, v = V.flatten_features(features, "features")
     V.check_temperature(temperature, "temperature")
     if base_temperature is None:
