@@ -11,7 +11,7 @@ export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 CSRC := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \) 2>/dev/null)
 EXT_STAMP := $(VENV)/.ext-built
 
-.PHONY: test bench bench-quick bench-micro lint format ext kernel-report clean
+.PHONY: test bench bench-quick bench-micro lint format ext kernel-report clean gpu-check
 
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,7 +36,7 @@ format: $(VENV)/.deps
 	$(VENV)/bin/ruff format .
 
 test: $(EXT_STAMP) lint
-	$(VENV)/bin/pytest
+	FLASHCON_REQUIRE=cpu,triton $(VENV)/bin/pytest
 
 bench: $(EXT_STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)
@@ -46,6 +46,14 @@ bench-quick: $(EXT_STAMP)
 
 bench-micro: $(EXT_STAMP)
 	$(VENV)/bin/pytest bench/micro --benchmark-only -p no:cacheprovider
+
+# On a machine with one CUDA GPU and a Python whose torch sees it (no .venv, nothing installed):
+# the extension built for that GPU, `pytest -m gpu`, the bench sweep and one summary, within
+# 8 minutes, in $(GPU_CHECK_OUT)/ and $(GPU_CHECK_OUT).tgz (bench/README.md).
+GPU_PY ?= python3
+GPU_CHECK_OUT ?= gpu-check
+gpu-check:
+	$(GPU_PY) bench/gpu_check.py --out "$(GPU_CHECK_OUT)" $(GPU_CHECK_ARGS)
 
 kernel-report: $(VENV)/.deps
 	$(PY) -m flashcon.tools.kernel_report
