@@ -19,7 +19,6 @@ each point's loss value and its relative difference from ``reference`` to show i
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 
 import torch
@@ -206,9 +205,3 @@ def make_loss_fn(provider: str, loss: str) -> Callable:
     if provider == "pml":
         return _pml_loss(kwargs["temperature"])
     raise ValueError(f"unknown provider {provider!r}")
-
-
-def rel_diff(value: float, ref: float) -> float:
-    if not (math.isfinite(value) and math.isfinite(ref)):
-        return math.nan
-    return abs(value - ref) / max(abs(ref), 1e-12)

@@ -3,11 +3,14 @@
     python bench/run.py                      # SupCon, D=128, fp32, on CUDA if there is one
     python bench/run.py --loss sincere --dtype bfloat16 --providers flashcon-triton,reference
     python bench/run.py --quick              # a < 60 s smoke run (N = 256, 512)
+    python bench/run.py --ns 4096,16384,65536 --providers flashcon-triton,reference-compile
 
-Sweep: N = 1024, 2048, 4096, … (``--min-n`` to ``--max-n``) for every provider (see
-``bench/providers.py``) until each one has failed (out of memory, error, timeout, or a
-predicted time over the per-point timeout) or the total ``--budget`` is spent. Providers that
-cannot run here (a backend not built, no GPU) are listed, with the reason, and skipped.
+Sweep: N = 1024, 2048, 4096, … (``--min-n`` to ``--max-n``, or the list ``--ns``) for every
+provider (see ``bench/providers.py``), in the order given, until each one has failed (out of
+memory, error, timeout, or a predicted time over the per-point timeout) or the total
+``--budget`` is spent. Nothing skips a point on a memory estimate: a provider stops at its
+first real out-of-memory. Providers that cannot run here (a backend not built, no GPU) are
+listed, with the reason, and skipped.
 
 Each point (provider, N) runs in a fresh subprocess (``bench/worker.py``) with a timeout, so an
 out-of-memory or a hang ends that provider's sweep and nothing else; on the CPU the process's
@@ -17,14 +20,17 @@ bwd, fwd+bwd) and peak memory (above the inputs) are measured.
 
 Throughput follows DESIGN.md's performance model: 2·N·M·D flops forward, 6·N·M·D backward,
 8·N·M·D both; "of mm" divides it by torch.mm's flop/s on ``[N, D] × [D, N]`` in the same dtype,
-measured once per N, and "vs reference" is the dense reference's fwd+bwd time over the
-provider's. "loss Δ vs ref" is the relative difference of the loss value from the reference's
-on the same inputs: every provider computes the same quantity.
+measured once per N; "vs eager dense" and "vs compiled dense" are the fwd+bwd times of
+``reference`` and ``reference-compile`` over the provider's. "loss Δ vs ref" is the relative
+difference of the loss value from the reference's on the same inputs: every provider computes
+the same quantity. Flop rates read in TFLOP/s on GPUs and GFLOP/s on CPUs (the CSV keeps
+GFLOP/s, ``*_gflops``).
 
 Output, in ``--out`` (default ``bench/results``), named ``<loss>_<device>_<dtype>_d<D>``
-(``_quick`` added by ``--quick``): ``.md`` (the table, also printed), ``.csv`` (one row per
-point, tagged with date, git SHA, device name, torch/triton versions), ``_time.png`` and
-``_memory.png`` (log-log, one line per provider).
+(``_quick`` added by ``--quick``): ``.md`` (the table, also printed: one row per point), ``.csv``
+(one row per point, tagged with date, git SHA, device name, torch/triton versions),
+``_time.png`` and ``_memory.png`` (log-log, one line per provider; drawn where matplotlib is
+installed).
 """
 
 from __future__ import annotations
@@ -73,6 +79,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--min-n", type=int, default=None, help="first N (default 1024; quick 256)")
     ap.add_argument("--max-n", type=int, default=None, help="last N (default: no limit)")
     ap.add_argument(
+        "--ns",
+        type=lambda s: sorted({int(x) for x in s.split(",") if x.strip()}),
+        default=None,
+        help="comma-separated N to run instead of the doubling sweep (e.g. 4096,16384,65536)",
+    )
+    ap.add_argument(
         "--budget", type=float, default=None, help="total seconds (default 660; quick 40)"
     )
     ap.add_argument("--timeout", type=float, default=None, help="seconds per point (default 180)")
@@ -116,26 +128,25 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(a, name, quick if a.quick else on_cuda if cuda else on_cpu)
     if a.min_reps < 1 or a.max_reps < a.min_reps:
         ap.error("need 1 <= --min-reps <= --max-reps")
+    if a.ns is not None and (not a.ns or a.ns[0] < 1):
+        ap.error("--ns needs positive sizes")
     return a
+
+
+def sizes(args) -> list[int]:
+    """The N of the sweep, ascending (the time of each point is predicted from the last)."""
+    if args.ns is not None:
+        return list(args.ns)
+    ns, n = [], args.min_n
+    while n <= args.max_n:
+        ns.append(n)
+        n *= 2
+    return ns
 
 
 # --------------------------------------------------------------------------------------------
 # Run metadata.
 # --------------------------------------------------------------------------------------------
-
-
-def _git_sha() -> str:
-    def git(*args):
-        return subprocess.run(
-            ["git", "-C", str(HERE.parent), *args], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-
-    try:
-        sha = git("rev-parse", "--short=12", "HEAD") or "unknown"
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return sha + ("+dirty" if dirty else "")
 
 
 def _cpu_name() -> str:
@@ -166,7 +177,7 @@ def run_metadata(args) -> dict:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_sha": _git_sha(),
+        "git_sha": report.git_sha(HERE.parent),
         "device": args.device,
         "device_name": name,
         "torch": torch.__version__,
@@ -270,7 +281,7 @@ def _ms(q: list[float] | None) -> list[float | None]:
     return [None] * 3 if not q else [x * 1e3 for x in q]
 
 
-def point_row(provider: str, n: int, args, res: dict, wall: float, mm: dict) -> dict:
+def point_row(provider: str, n: int, args, res: dict, wall: float) -> dict:
     row = {
         "provider": provider,
         "N": n,
@@ -289,9 +300,6 @@ def point_row(provider: str, n: int, args, res: dict, wall: float, mm: dict) -> 
     row["peak_mb"] = res["peak_bytes"] / 2**20
     row["mem_method"] = res.get("mem_method", "")
     row["loss_value"] = res.get("loss_value")
-    if mm.get(n):
-        row["mm_gflops"] = mm[n] / 1e9
-        row["frac_of_mm"] = row["fwdbwd_gflops"] / row["mm_gflops"]
     return row
 
 
@@ -302,14 +310,40 @@ def _predicted_s(args, last: dict, n: int) -> float:
     return STARTUP_S + calls * last["fwdbwd_ms_p50"] * 1e-3 * scale
 
 
-def sweep(args, selected: list[str], meta: dict) -> tuple[list[dict], dict[int, float]]:
-    from tqdm import tqdm
+class _NoBar:
+    """Stands in for tqdm's bar where tqdm is not installed (a bare GPU machine)."""
 
-    ns = []
-    n = args.min_n
-    while n <= args.max_n:
-        ns.append(n)
-        n *= 2
+    n = 0.0
+
+    def update(self, d: float) -> None:
+        self.n += d
+
+    def set_postfix_str(self, s: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(args):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    # The bar counts the time budget: the sweep ends when it is spent, or earlier when every
+    # provider has stopped.
+    return tqdm(
+        total=round(args.budget),
+        disable=args.no_progress,
+        dynamic_ncols=True,
+        bar_format="{percentage:3.0f}%|{bar}| {n:.0f}/{total} s of budget [{elapsed}]{postfix}",
+    )
+
+
+def sweep(args, selected: list[str], meta: dict) -> tuple[list[dict], dict[int, float]]:
+    """Every (provider, N) point in order; each point is one row of the result, printed once
+    (in the table at the end: the bar shows only the count of points and of failures)."""
+    ns = sizes(args)
     mem_limit = 0
     if torch.device(args.device).type == "cpu":
         avail = _mem_available()
@@ -323,17 +357,14 @@ def sweep(args, selected: list[str], meta: dict) -> tuple[list[dict], dict[int, 
     alive = list(selected)
     last_ok: dict[str, dict] = {}
     start = time.perf_counter()
-    # The bar counts the time budget: the sweep ends when it is spent, or earlier when every
-    # provider has stopped.
-    bar = tqdm(
-        total=round(args.budget),
-        disable=args.no_progress,
-        dynamic_ncols=True,
-        bar_format="{percentage:3.0f}%|{bar}| {n:.0f}/{total} s of budget [{elapsed}]{postfix}",
-    )
+    bar = _progress_bar(args)
 
     def tick() -> None:
         bar.update(min(args.budget, time.perf_counter() - start) - bar.n)
+
+    def done() -> str:
+        failed = sum(r["status"] != "ok" for r in rows)
+        return f"{len(rows)} points done" + (f" ({failed} stopped)" if failed else "")
 
     try:
         for n in ns:
@@ -355,10 +386,9 @@ def sweep(args, selected: list[str], meta: dict) -> tuple[list[dict], dict[int, 
                             "note": note,
                         }
                     )
-                    bar.write(f"  {p} N={n}: {why} ({note})")
                     alive.remove(p)
                     continue
-                bar.set_postfix_str(f"{len(rows)} points done; {p} N={n}")
+                bar.set_postfix_str(f"{done()}; {p} N={n}")
                 spec = {
                     "provider": p,
                     "loss": args.loss,
@@ -379,7 +409,7 @@ def sweep(args, selected: list[str], meta: dict) -> tuple[list[dict], dict[int, 
                     mm[n] = res["mm_flops"]
                 if res.get("device_name"):
                     meta["device_name"] = res["device_name"]
-                row = point_row(p, n, args, res, wall, mm)
+                row = point_row(p, n, args, res, wall)
                 if row["status"] == "timeout" and left < args.timeout:
                     row["status"], row["note"] = "budget", "total budget spent"
                 rows.append(row)
@@ -387,26 +417,14 @@ def sweep(args, selected: list[str], meta: dict) -> tuple[list[dict], dict[int, 
                 if row["status"] == "ok":
                     last_ok[p] = row
                 else:
-                    bar.write(f"  {p} N={n}: {row['status']} ({row['note']})")
                     alive.remove(p)
+                bar.set_postfix_str(done())
     except KeyboardInterrupt:
-        bar.write("interrupted: writing the points measured so far")
+        print("interrupted: writing the points measured so far", file=sys.stderr)
     finally:
         bar.close()
 
-    # Fill in what needs the whole N column: torch.mm throughput and the reference columns.
-    ref = {r["N"]: r for r in rows if r["provider"] == "reference" and r["status"] == "ok"}
-    for r in rows:
-        if r["status"] != "ok":
-            continue
-        if "frac_of_mm" not in r and mm.get(r["N"]):
-            r["mm_gflops"] = mm[r["N"]] / 1e9
-            r["frac_of_mm"] = r["fwdbwd_gflops"] / r["mm_gflops"]
-        base = ref.get(r["N"])
-        if base is not None:
-            r["speedup_vs_reference"] = base["fwdbwd_ms_p50"] / r["fwdbwd_ms_p50"]
-            if r.get("loss_value") is not None and base.get("loss_value") is not None:
-                r["rel_diff_vs_reference"] = P.rel_diff(r["loss_value"], base["loss_value"])
+    report.add_comparisons(rows, {n: f / 1e9 for n, f in mm.items()})
     return rows, mm
 
 
@@ -416,19 +434,7 @@ def _slug(s: str) -> str:
 
 def replot(csv_path: Path) -> int:
     """Table and plots of an earlier run, from its CSV (written beside it)."""
-    import csv
-
-    with open(csv_path) as f:
-        raw = list(csv.DictReader(f))
-    rows = []
-    for r in raw:
-        row = {}
-        for k, v in r.items():
-            try:
-                row[k] = int(v) if k in ("N", "M", "reps", "D") else float(v)
-            except ValueError:
-                row[k] = v
-        rows.append(row)
+    rows = report.read_csv(csv_path)
     if not rows:
         print(f"{csv_path}: no rows", file=sys.stderr)
         return 1
@@ -441,8 +447,11 @@ def replot(csv_path: Path) -> int:
     stem = csv_path.with_suffix("")
     title = f"{loss}, D={d}, {rows[0]['dtype']}, {rows[0]['device_name']}"
     points = [r for r in rows if r["status"] != "unavailable"]
-    report.plot(points, title, Path(f"{stem}_time.png"), Path(f"{stem}_memory.png"), floor)
-    print(report.markdown_table(points))
+    # Comparisons a CSV of an older run may lack (the speed-up over compiled dense).
+    report.add_comparisons(points, {r["N"]: r["mm_gflops"] for r in points if r.get("mm_gflops")})
+    if not report.plot(points, title, Path(f"{stem}_time.png"), Path(f"{stem}_memory.png"), floor):
+        print("matplotlib is not installed: no plots", file=sys.stderr)
+    print(report.markdown_table(points, rows[0]["device"]))
     return 0
 
 
@@ -467,14 +476,18 @@ def main(argv=None) -> int:
             selected.append(p)
         else:
             unavailable.append({"provider": p, "status": "unavailable", "note": why})
-            print(f"  provider {p}: unavailable, skipped ({why})")
+    not_run = [f"not run: {u['provider']} ({u['note']})" for u in unavailable]
     if not selected:
-        print("no provider can run here", file=sys.stderr)
+        print("\n".join(not_run + ["no provider can run here"]), file=sys.stderr)
         return 2
+    if args.ns is not None:
+        span = "N = " + ", ".join(map(str, args.ns))
+    else:
+        span = f"N from {args.min_n} " + (f"to {args.max_n}" if args.max_n < NO_LIMIT else "upward")
+    more = f" ({len(unavailable)} not available here: listed at the end)" if unavailable else ""
     print(
-        f"  providers: {', '.join(selected)}; N from {args.min_n} "
-        + (f"to {args.max_n}" if args.max_n < NO_LIMIT else "upward")
-        + f" until each stops; budget {args.budget:.0f} s, timeout {args.timeout:.0f} s per point"
+        f"  providers: {', '.join(selected)}{more}; {span} until each stops; "
+        f"budget {args.budget:.0f} s, timeout {args.timeout:.0f} s per point"
     )
 
     t0 = time.perf_counter()
@@ -484,7 +497,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     dev_tag = "cpu" if dev.type == "cpu" else _slug(meta["device_name"]) or dev.type
     stem = f"{args.loss}_{dev_tag}_{args.dtype}_d{args.dim}" + ("_quick" if args.quick else "")
-    table = report.markdown_table(rows)
+    table = report.markdown_table(rows, args.device)
+    unit, _ = report.flop_unit(args.device)
     header = [
         f"# {args.loss}, D={args.dim}, {args.dtype}, {meta['device_name']}",
         "",
@@ -492,27 +506,30 @@ def main(argv=None) -> int:
         f"triton {meta['triton']} · {elapsed:.0f} s",
         "",
         "Times are p50 over repetitions (CSV: p20/p50/p80); peak MB is memory above the "
-        "inputs; GFLOP/s uses 8·N·M·D for fwd+bwd; 'of mm' is that over torch.mm's flop/s at "
-        "[N, D]×[D, N]; 'vs reference' is the dense reference's fwd+bwd time over this one.",
+        f"inputs; {unit} uses 8·N·M·D for fwd+bwd; 'of mm' is that over torch.mm's flop/s at "
+        "[N, D]×[D, N]; 'vs eager dense' / 'vs compiled dense' are the fwd+bwd times of "
+        "`reference` / `reference-compile` over this one's.",
         "",
     ]
     if unavailable:
-        header += [f"Not run: {u['provider']} ({u['note']})." for u in unavailable] + [""]
+        header += [f"{line[0].upper()}{line[1:]}." for line in not_run] + [""]
     (args.out / f"{stem}.md").write_text("\n".join(header) + "\n" + table + "\n")
     report.write_csv(args.out / f"{stem}.csv", meta, unavailable + rows)
     floor = {n: P.flops(args.loss, n, args.dim, "fwdbwd") / f * 1e3 for n, f in mm.items()}
     title = f"{args.loss}, D={args.dim}, {args.dtype}, {meta['device_name']}"
-    report.plot(rows, title, args.out / f"{stem}_time.png", args.out / f"{stem}_memory.png", floor)
+    plotted = report.plot(
+        rows, title, args.out / f"{stem}_time.png", args.out / f"{stem}_memory.png", floor
+    )
 
     print()
     print(table)
     print()
-    for u in unavailable:
-        print(f"not run: {u['provider']}: {u['note']}")
-    print(
-        f"{len(rows)} points in {elapsed:.0f} s; wrote {args.out / stem}"
-        "{.md,.csv,_time.png,_memory.png}"
+    for line in not_run:
+        print(line)
+    files = (
+        "{.md,.csv,_time.png,_memory.png}" if plotted else "{.md,.csv} (no matplotlib: no plots)"
     )
+    print(f"{len(rows)} points in {elapsed:.0f} s; wrote {args.out / stem}{files}")
     return 0 if any(r["status"] == "ok" for r in rows) else 1
 
 

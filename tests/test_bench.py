@@ -1,8 +1,10 @@
-"""Smoke test of the benchmark CLI: ``bench/run.py --quick`` produces its table, CSV and plots."""
+"""The benchmark CLI: ``bench/run.py --quick`` produces its table, CSV and plots; the table's
+rows, units and comparisons (``bench/report.py``)."""
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import subprocess
 import sys
@@ -12,6 +14,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "bench" / "run.py"
+sys.path.insert(0, str(ROOT / "bench"))
+
+import report  # noqa: E402
+
+
+def _run_module():
+    spec = importlib.util.spec_from_file_location("bench_run", RUN)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.mark.skipif(not RUN.exists(), reason="bench/run.py is not in this checkout")
@@ -19,22 +31,28 @@ def test_quick_run(tmp_path):
     pytest.importorskip("matplotlib")
     pytest.importorskip("tqdm")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # One N, the providers the checks below read, the reference first: a busy machine still
+    # measures every point within the budget.
+    providers = "reference,flashcon-torch,flashcon-cpu,flashcon-cpu-general"
     proc = subprocess.run(
-        [sys.executable, str(RUN), "--quick", "--device", "cpu", "--out", str(tmp_path)],
+        [sys.executable, str(RUN), "--quick", "--device", "cpu", "--out", str(tmp_path)]
+        + ["--providers", providers, "--ns", "256", "--budget", "100"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
         env=env,
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    # The markdown table is printed and written.
+    # The markdown table is printed and written, one row per point, GFLOP/s on a CPU.
     assert "| provider | N |" in proc.stdout
     stem = "supcon_cpu_float32_d128_quick"
     md = (tmp_path / f"{stem}.md").read_text()
+    for text in (md, proc.stdout):
+        assert "| peak MB | GFLOP/s | of mm | vs eager dense | vs compiled dense |" in text
     for name in ("| reference | 256 |", "| flashcon-torch | 256 |"):
-        assert name in md and name in proc.stdout
+        assert name in md and proc.stdout.count(name) == 1
 
     # The CSV has the run's tags and an ok row of both providers.
     with open(tmp_path / f"{stem}.csv") as f:
@@ -58,3 +76,92 @@ def test_quick_run(tmp_path):
     for suffix in ("_time.png", "_memory.png"):
         png = tmp_path / f"{stem}{suffix}"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_points_skipped_for_budget_are_printed_once(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    run = _run_module()
+    argv = ["--quick", "--device", "cpu", "--providers", "torch,reference,triton"]
+    argv += ["--budget", "0.5", "--no-progress", "--out", str(tmp_path)]
+    assert run.main(argv) == 1  # no point could run in half a second
+    out = capsys.readouterr().out
+    # Each point skipped for the budget is one line: its row of the table.
+    skipped = [ln for ln in out.splitlines() if "budget:" in ln or "predicted" in ln]
+    assert len(skipped) == 2, out
+    for provider in ("flashcon-torch", "reference"):
+        assert sum(ln.startswith(f"| {provider} | 256 | ") for ln in skipped) == 1, out
+        assert f"| {provider} | 512 |" not in out  # a stopped provider has no later rows
+    # An unavailable provider is named once, at the end, with the reason.
+    assert out.count("flashcon-triton") == 1 and "not run: flashcon-triton (" in out
+    rows = list(csv.DictReader(open(tmp_path / "supcon_cpu_float32_d128_quick.csv")))
+    assert sorted((r["provider"], r["status"]) for r in rows) == [
+        ("flashcon-torch", "budget"),
+        ("flashcon-triton", "unavailable"),
+        ("reference", "budget"),
+    ]
+
+
+def _ok(provider, n, ms, gflops):
+    return {
+        "provider": provider,
+        "N": n,
+        "status": "ok",
+        "fwd_ms_p50": ms / 4,
+        "bwd_ms_p50": 3 * ms / 4,
+        "fwdbwd_ms_p50": ms,
+        "peak_mb": 12.0,
+        "fwdbwd_gflops": gflops,
+        "loss_value": 4.25,
+    }
+
+
+def test_flop_rate_is_scaled_to_the_device():
+    rows = [_ok("flashcon-triton", 65536, 47.3, 46443.2)]
+    gpu = report.markdown_table(rows, "cuda")
+    cpu = report.markdown_table(rows, "cpu")
+    assert "| TFLOP/s |" in gpu and "GFLOP/s" not in gpu
+    assert "| GFLOP/s |" in cpu and "TFLOP/s" not in cpu
+    assert "| 46.4 |" in gpu and "| 46443.2 |" in cpu
+
+
+def test_csv_keeps_gflops_with_the_unit_in_the_column_name(tmp_path):
+    rows = [_ok("flashcon-triton", 65536, 47.3, 46443.2)]
+    path = tmp_path / "x.csv"
+    meta = {"device": "cuda", "loss": "supcon", "D": 128, "git_sha": "123456789012"}
+    report.write_csv(path, meta, rows)
+    header = path.read_text().splitlines()[0].split(",")
+    assert {"fwd_gflops", "bwd_gflops", "fwdbwd_gflops", "mm_gflops"} <= set(header)
+    back = report.read_csv(path)
+    assert back[0]["fwdbwd_gflops"] == 46443.2 and back[0]["N"] == 65536
+    assert back[0]["mm_gflops"] is None and back[0]["git_sha"] == "123456789012"
+
+
+def test_speedups_over_eager_and_compiled_dense():
+    rows = [
+        _ok("flashcon-triton", 4096, 2.0, 100.0),
+        _ok("reference", 4096, 4.0, 50.0),
+        _ok("reference-compile", 4096, 1.0, 200.0),
+        _ok("flashcon-triton", 8192, 6.0, 100.0),
+        {"provider": "reference", "N": 8192, "status": "oom", "note": "out of memory"},
+        _ok("reference-compile", 8192, 3.0, 200.0),
+    ]
+    rows[1]["loss_value"] = 4.0
+    report.add_comparisons(rows, {4096: 400.0})
+    fused = rows[0]
+    assert fused["speedup_vs_reference"] == 2.0
+    assert fused["speedup_vs_reference_compile"] == 0.5
+    assert fused["frac_of_mm"] == 0.25
+    assert fused["rel_diff_vs_reference"] == pytest.approx(0.0625)
+    assert "speedup_vs_reference" not in rows[3]  # eager dense ran out of memory at 8192
+    assert rows[3]["speedup_vs_reference_compile"] == 0.5
+    table = report.markdown_table(rows, "cuda")
+    assert "| 2.00× | 0.50× |" in table and "| — | 0.50× |" in table
+    assert "| reference | 8192 | — |" in table and "oom: out of memory |" in table
+
+
+def test_explicit_sizes_run_in_ascending_order():
+    run = _run_module()
+    args = run.parse_args(["--device", "cpu", "--ns", "65536,4096,16384,4096"])
+    assert run.sizes(args) == [4096, 16384, 65536]
+    args = run.parse_args(["--device", "cpu", "--min-n", "1024", "--max-n", "4096"])
+    assert run.sizes(args) == [1024, 2048, 4096]
