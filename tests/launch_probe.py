@@ -55,7 +55,20 @@ OUTPUTS = {
     "_bwd_dk_kernel": ("dk_ptr",),
     "_sym_fwd_kernel": ("out_ptr",),
     "_sym_bwd_kernel": ("dz_ptr",),
+    "_prep_kernel": ("plan_ptr", "gate_ptr", "sums_ptr", "lab_ptr"),
+    "_bwd_prep_kernel": ("vec_ptr", "gate_ptr", "dz_ptr"),
+    "_bwd_finish_kernel": ("out_ptr",),
 }
+
+
+def outputs(name: str, const: dict) -> tuple[str, ...]:
+    if name == "_finish_kernel":
+        if const["LOSS"] == 1 and const["STAGE"] == 0:  # SINCERE's η: zeroes the sp sums
+            return ("stats_ptr", "zero_ptr")
+        return ("stats_ptr", "out_ptr", "plan_ptr")
+    return OUTPUTS[name]
+
+
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg", "num_ctas")
 
 _records: list[tuple] = []
@@ -134,6 +147,19 @@ def record_all() -> None:
         if pw is None and k1 == 0:
             L.sym_sp_fwd(z, lab, vec(n), 5.0, ml)
             L.sym_sp_bwd(vec(n), z, lab, vec(n), 5.0, ml)
+        if pw is None and not det:  # the fused losses (fused.py)
+            for loss, wk in (("out", w), ("sincere", (0.0, 1.0, 0.0))):
+                if loss == "sincere" and k1 > 0:
+                    continue
+                # Per-sample labels of 20 samples × 2 views: class ids, multi-hot or none.
+                labels = torch.rand(20, 5) < 0.4 if ml else lab[:20]
+                for lab_in in (labels, None) if not ml else (labels,):
+                    value, stats, plan, gates, rows = L.fused_fwd(
+                        z, lab_in, 2, loss, 5.0, *wk, ml, 0.1
+                    )
+                    L.fused_bwd(
+                        torch.rand(()), z, rows, stats, plan, gates, loss, 5.0, *wk, ml, 0.1
+                    )
     torch.use_deterministic_algorithms(False)
 
 
@@ -161,7 +187,7 @@ def analyse() -> dict:
             if handler.messages:
                 problems.append(f"{name} {const}: analysis fell back: {handler.messages[0]}")
         written = seen[key]
-        for out in OUTPUTS[name]:
+        for out in outputs(name, const):
             if out not in written:
                 problems.append(f"{name} {const}: output {out} not reported written {written}")
         tensors = {k: v for k, v in params.items() if isinstance(v, torch.Tensor)}

@@ -24,6 +24,10 @@ pytest.importorskip("triton")
 
 PROBE = Path(__file__).with_name("launch_probe.py")
 KERNELS = [
+    "_bwd_finish_kernel",
+    "_bwd_prep_kernel",
+    "_finish_kernel",
+    "_prep_kernel",
     "_bwd_dk_kernel",
     "_bwd_dq_kernel",
     "_lse_fwd_kernel",

@@ -186,3 +186,59 @@ def sym_sp_bwd_op(
 
 SYM_OPS = (sym_lse_fwd_op, sym_lse_bwd_op, sym_sp_fwd_op, sym_sp_bwd_op)
 register_symmetric(*SYM_OPS, fakes=False)
+
+
+@torch.library.triton_op("flashcon::triton_fused_fwd", mutates_args=())
+def fused_fwd_op(
+    z: Tensor,
+    labels: Tensor | None,
+    views: int,
+    loss: str,
+    scale: float,
+    w_pos: float,
+    w_neg: float,
+    k1: float,
+    multilabel: bool,
+    factor: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return launch.fused_fwd(z, labels, views, loss, scale, w_pos, w_neg, k1, multilabel, factor)
+
+
+@torch.library.triton_op("flashcon::triton_fused_bwd", mutates_args=())
+def fused_bwd_op(
+    g: Tensor,
+    z: Tensor,
+    lab: Tensor,
+    stats: Tensor,
+    plan: Tensor,
+    gates: Tensor,
+    loss: str,
+    scale: float,
+    w_pos: float,
+    w_neg: float,
+    k1: float,
+    multilabel: bool,
+    factor: float,
+) -> Tensor:
+    return launch.fused_bwd(
+        g, z, lab, stats, plan, gates, loss, scale, w_pos, w_neg, k1, multilabel, factor
+    )
+
+
+def _fused_setup(ctx, inputs, output):
+    z, _, _, *args = inputs
+    _, stats, plan, gates, lab = output
+    ctx.save_for_backward(z, lab, stats, plan, gates)
+    ctx.args = args
+    # Only the loss value is differentiable; no zero gradients are made for the others.
+    ctx.mark_non_differentiable(stats, plan, gates, lab)
+    ctx.set_materialize_grads(False)
+
+
+def _fused_backward(ctx, g_loss, g_stats, g_plan, g_gates, g_lab):
+    z, lab, stats, plan, gates = ctx.saved_tensors
+    dz = fused_bwd_op(g_loss, z, lab, stats, plan, gates, *ctx.args)
+    return (dz,) + (None,) * 9
+
+
+torch.library.register_autograd(fused_fwd_op, _fused_backward, setup_context=_fused_setup)

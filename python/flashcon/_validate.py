@@ -131,10 +131,12 @@ def check_label_input(
     required: bool = False,
     num_classes: int | None = None,
     name: str = "labels",
+    pack: bool = True,
 ) -> tuple[Tensor | None, bool]:
     """Integer class ids ``[B]`` or a multi-hot bool ``[B, L]`` (L <= 64).
 
-    Returns (labels, multilabel): int64 class ids, or int64 bitmasks when multi-hot.
+    Returns (labels, multilabel): int64 class ids, or int64 bitmasks when multi-hot (the
+    validated bool ``[B, L]`` itself with ``pack=False``: a fused kernel packs it).
     """
     if isinstance(labels, Tensor) and labels.dtype == torch.bool and labels.dim() == 2:
         if labels.shape[0] != b:
@@ -150,7 +152,7 @@ def check_label_input(
                 f"{num_classes} prototypes"
             )
         _same_device(labels, ref, name)
-        return pack_multihot(labels), True
+        return (pack_multihot(labels) if pack else labels), True
     if isinstance(labels, Tensor) and labels.dim() == 2:
         raise TypeError(
             f"{name} of shape [B, L] must be a multi-hot bool tensor, got dtype {labels.dtype}"

@@ -48,6 +48,16 @@ Symmetric path (optional per backend; issue "half the work in 'all' mode")
     Triton (``flashcon::triton_sym_*``, ``triton_kernels/sym.py``, atomic adds; the general
     kernels under ``torch.use_deterministic_algorithms``).
 
+Fused whole losses (optional per backend; Triton's ``flashcon::triton_fused_fwd``)
+    ``fused(z, lab, loss, scale, w_pos, w_neg, k1, multilabel, factor) -> (value, stats, plan,
+    gates)``: a whole 'all'-mode loss from the symmetric path in a few launches, for the losses
+    whose per-row term is closed-form in the statistics: ``loss='out'`` gives
+    factor·Σ_i [pcnt_i > 0]·(lse_i − scale·psum_i/pcnt_i) (lse with weights (w_pos, w_neg,
+    k1); −inf lse counts 0): SupCon L_out, NT-Xent, TCL; ``loss='sincere'`` gives
+    factor·Σ_i sp_i/max(pcnt_i, 1) with eta the lse of weights (0, 1, 0). NaN when any row of
+    z is non-finite. Differentiable in ``value`` (the other outputs are the backward's
+    inputs). Not used with masks, queues, gathering, or deterministic algorithms.
+
 Gradients reach q and k only (labels and weights get none; eta's producer is reached through
 autograd via r). Every output is O(N + M); nothing N×M exists in any backend. ``dq``/``dk``
 have the dtype of ``q``/``k``; statistics have the statistics dtype.
@@ -85,6 +95,7 @@ class Engine:
     sp: Callable[..., tuple[Tensor, Tensor]]
     sym_lse: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None
     sym_sp: Callable[..., tuple[Tensor, Tensor]] | None = None
+    fused: Callable[..., tuple[Tensor, ...]] | None = None
 
 
 _SYMMETRIC = os.environ.get("FLASHCON_SYMMETRIC", "1") != "0"
@@ -93,12 +104,17 @@ _SYMMETRIC = os.environ.get("FLASHCON_SYMMETRIC", "1") != "0"
 def set_symmetric(enabled: bool) -> None:
     """Use (default) or bypass the backends' symmetric 'all'-mode path (for comparisons).
 
-    Also settable with the environment variable ``FLASHCON_SYMMETRIC=0`` at import."""
+    Also settable with the environment variable ``FLASHCON_SYMMETRIC=0`` at import.
+
+    Args:
+        enabled: ``True`` to use the symmetric path where a backend has one.
+    """
     global _SYMMETRIC
     _SYMMETRIC = bool(enabled)
 
 
 def symmetric_enabled() -> bool:
+    """Whether 'all'-mode losses take the backends' symmetric path (see :func:`set_symmetric`)."""
     return _SYMMETRIC
 
 
@@ -114,7 +130,14 @@ def _stat(g: Tensor | None, like: Tensor) -> Tensor:
 
 
 def register_backend_autograd(lse_fwd_op, lse_bwd_op, sp_fwd_op, sp_bwd_op) -> None:
-    """Connect forward ops to their backward ops with ``torch.library.register_autograd``."""
+    """Connect forward ops to their backward ops with ``torch.library.register_autograd``.
+
+    Args:
+        lse_fwd_op: the backend's ``lse_fwd`` op.
+        lse_bwd_op: its ``lse_bwd`` op.
+        sp_fwd_op: its ``sp_fwd`` op.
+        sp_bwd_op: its ``sp_bwd`` op.
+    """
 
     def lse_setup(ctx, inputs, output):
         q, k, qlab, klab, self_offset, scale, w_pos, w_neg, k1, multilabel, pos_weight = inputs
@@ -146,7 +169,16 @@ def register_backend_autograd(lse_fwd_op, lse_bwd_op, sp_fwd_op, sp_bwd_op) -> N
 
 def register_symmetric(sym_lse_fwd, sym_lse_bwd, sym_sp_fwd, sym_sp_bwd, fakes=True) -> None:
     """Autograd of a backend's symmetric ops, and their fake implementations unless the ops
-    bring their own (``fakes=False``: ``triton_op``s are their own fakes)."""
+    bring their own.
+
+    Args:
+        sym_lse_fwd: the backend's ``sym_lse_fwd`` op.
+        sym_lse_bwd: its ``sym_lse_bwd`` op.
+        sym_sp_fwd: its ``sym_sp_fwd`` op.
+        sym_sp_bwd: its ``sym_sp_bwd`` op.
+        fakes: register fake implementations (``False`` for ``triton_op``s, which are their
+            own fakes).
+    """
     if fakes:
 
         @torch.library.register_fake(sym_lse_fwd)
@@ -197,7 +229,14 @@ def _fake_stats(q: Tensor, n_out: int) -> tuple[Tensor, ...]:
 
 
 def register_fakes(lse_fwd_op, lse_bwd_op, sp_fwd_op, sp_bwd_op) -> None:
-    """Shape-only implementations used by torch.compile and meta tensors."""
+    """Register shape-only implementations used by torch.compile and meta tensors.
+
+    Args:
+        lse_fwd_op: the backend's ``lse_fwd`` op.
+        lse_bwd_op: its ``lse_bwd`` op.
+        sp_fwd_op: its ``sp_fwd`` op.
+        sp_bwd_op: its ``sp_bwd`` op.
+    """
 
     @torch.library.register_fake(lse_fwd_op)
     def _(q, k, *args):
@@ -322,6 +361,7 @@ register_backend_autograd(*_TORCH_OPS)
 # read its results (registering ops or importing modules inside a trace breaks the graph).
 _OPS: dict[str, tuple | None] = {"torch": None}
 _SYM_OPS: dict[str, tuple | None] = {}
+_FUSED_OPS: dict[str, Callable] = {}
 _WHY: dict[str, str] = {}
 _CPP_HAS_CUDA = False
 
@@ -365,15 +405,22 @@ def _discover_triton() -> None:
         return
     _OPS["triton"] = tops.OPS
     _SYM_OPS["triton"] = tops.SYM_OPS
+    _FUSED_OPS["triton"] = tops.fused_fwd_op
 
 
 def triton_available() -> tuple[bool, str]:
+    """(True, '') when the Triton kernels imported, else (False, why)."""
     if _OPS.get("triton") is None:
         return False, _WHY.get("triton", "not discovered")
     return True, ""
 
 
 def cpp_available(device_type: str) -> tuple[bool, str]:
+    """(True, '') when the C++ extension has kernels for ``device_type``, else (False, why).
+
+    Args:
+        device_type: ``'cpu'`` or ``'cuda'``.
+    """
     if _OPS.get("cpp") is None:
         return False, _WHY.get("cpp", "not discovered")
     if device_type == "cuda" and not _CPP_HAS_CUDA:
@@ -382,7 +429,19 @@ def cpp_available(device_type: str) -> tuple[bool, str]:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``backend`` ('auto' or a name) to a concrete backend for tensors on ``device``."""
+    """Map ``backend`` ('auto' or a name) to a concrete backend for tensors on ``device``.
+
+    'auto' picks, for CUDA tensors, Triton if it imports, else the CUDA extension, else
+    'torch'; for CPU tensors the C++ CPU kernels if built, else 'torch'. Touches no GPU.
+
+    Args:
+        backend: one of :data:`BACKENDS`.
+        device: the device of the loss's tensors.
+
+    Raises:
+        ValueError: an unknown name.
+        BackendUnavailableError: a named backend that cannot run there, saying why.
+    """
     if backend not in BACKENDS:
         raise ValueError(
             f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}"
@@ -431,7 +490,12 @@ def _interpreting() -> bool:
 
 
 def get_engine(backend: str) -> Engine:
-    """The differentiable engine callables of a concrete backend name."""
+    """The differentiable engine callables of a concrete backend name.
+
+    Args:
+        backend: ``'triton'``, ``'cuda'``, ``'cpu'`` or ``'torch'`` (not ``'auto'`` or
+            ``'reference'``: resolve those with :func:`resolve_backend` first).
+    """
     key = {"torch": "torch", "cpu": "cpp", "cuda": "cpp", "triton": "triton"}.get(backend)
     if key is None:
         raise ValueError(f"no streaming engine for backend {backend!r}")
@@ -445,6 +509,7 @@ def get_engine(backend: str) -> Engine:
         sp=ops[2],
         sym_lse=sym[0] if sym else None,
         sym_sp=sym[2] if sym else None,
+        fused=_FUSED_OPS.get(key),
     )
 
 

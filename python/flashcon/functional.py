@@ -59,6 +59,8 @@ def _no_autocast(fn: _F) -> _F:
                 out = fn(features, *args, **kwargs)
         else:
             out = fn(features, *args, **kwargs)
+        if isinstance(out, _Fused):
+            return out.value  # its kernels give NaN for non-finite features themselves
         finite = None
         for x in (features, *args, *kwargs.values()):
             if isinstance(x, Tensor) and x.is_floating_point():
@@ -69,6 +71,50 @@ def _no_autocast(fn: _F) -> _F:
         return out
 
     return wrapper  # type: ignore[return-value]
+
+
+class _Fused:
+    """A loss computed whole by the backend's fused op (``Engine.fused``): its only floating
+    input is the features, and the op itself returns NaN when any of them is non-finite, so
+    the wrapper adds no check (each check is device work of its own: ~5 launches)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Tensor) -> None:
+        self.value = value
+
+
+def _fusable(eng: Engine, z: Tensor, *, mode: str, queue, gather: bool) -> bool:
+    """Whether this call takes ``eng.fused``: 'all' mode on the symmetric path (which the
+    fused op is), without a queue or gathering, and not under deterministic algorithms (its
+    kernels add with atomics; the general kernels are the deterministic path)."""
+    return (
+        eng.fused is not None
+        and mode == "all"
+        and queue is None
+        and not gather
+        and symmetric_enabled()
+        and not torch.are_deterministic_algorithms_enabled()
+    )
+
+
+def _fused(
+    eng: Engine,
+    spec: str,
+    loss: str,
+    z: Tensor,
+    labels: Tensor | None,
+    views: int,
+    t: float,
+    ml: bool,
+    factor: float,
+    options=None,
+) -> _Fused:
+    """``labels``: the per-sample labels as validated (int64 [B], multi-hot bool [B, L], or
+    None for sample ids): the op expands them over the views itself."""
+    w_pos, w_neg, k1 = LOSS_SPECS[spec].streams[0].weights(options or {})
+    value = eng.fused(z.contiguous(), labels, views, loss, 1.0 / t, w_pos, w_neg, k1, ml, factor)
+    return _Fused(value[0])
 
 
 def _acc(x: Tensor) -> torch.dtype:
@@ -218,11 +264,27 @@ def _out_rows(lse: Tensor, psum: Tensor, pcnt: Tensor, t: float) -> Tensor:
 _DIST_DOC = """
         gather_distributed: contrast this rank's anchors against the global batch gathered
             (with gradients) from every rank of ``group``; see ``flashcon.distributed`` for
-            the exact scaling (rank r returns W·(1/N_global)·Σ_{its anchors} ℓ_i).
-        group: the process group (default: the world).
+            the exact scaling (rank r returns W·(1/N_global)·Σ_{its anchors} ℓ_i). Needs an
+            initialised ``torch.distributed`` process group and a streaming backend (not
+            ``'reference'``).
+        group: the process group to gather over (default: the world); used only with
+            ``gather_distributed=True``.
         queue: a :class:`flashcon.MemoryQueue` whose rows are appended as extra contrast
-            columns (no gradient, never self).
-        backend: ``'auto'``, ``'triton'``, ``'cuda'``, ``'cpu'``, ``'torch'`` or ``'reference'``.
+            columns (no gradient, never an anchor, never self). It must hold the loss's kind of
+            labels: class ids, multi-hot (``MemoryQueue(..., multilabel=True)``) or soft labels
+            (GenSCL, ``num_soft_classes=K``). NT-Xent treats its rows as negatives.
+        backend: ``'auto'`` (default: for CUDA tensors Triton if it imports, else the CUDA
+            extension, else ``'torch'``; for CPU tensors the C++ CPU kernels if built, else
+            ``'torch'``), ``'triton'`` (CUDA tensors; CPU tensors only under
+            ``TRITON_INTERPRET=1``), ``'cuda'``, ``'cpu'``, ``'torch'`` (chunked PyTorch, any
+            device) or ``'reference'`` (the dense oracle). A backend named here that cannot
+            run raises :class:`flashcon.BackendUnavailableError` saying why;
+            ``python -m flashcon.info`` lists what runs in this install.
+
+    Returns the scalar loss in fp32 (fp64 for fp64 features; ``'reference'`` computes and
+    returns in the features' dtype); gradients reach the features (and ESupCon's prototypes) in
+    their dtype. Autocast is turned off inside; NaN or ±Inf in the features (or prototypes)
+    gives a NaN loss.
 """
 
 
@@ -244,12 +306,17 @@ def supcon_loss(
     """Supervised contrastive loss (Khosla et al. 2020), SupContrast's ``SupConLoss``.
 
     Args:
-        features: ``[B, V, D]`` (V views of B samples) or ``[N, D]`` (one view each); fp16,
-            bf16, fp32 or fp64. Not normalised inside.
-        labels: integer class ids ``[B]``. ``labels=None`` and ``mask=None`` gives SimCLR
-            (the other views of a sample are its positives).
-        mask: SupContrast's ``[B, B]`` positive-weight matrix (``backend='reference'`` only,
-            for now); exclusive with ``labels``.
+        features: ``[B, V, D]`` (V views of B samples, flattened view-major) or ``[N, D]``
+            (one view each); fp16, bf16 or fp32 on every backend, fp64 on ``'cpu'``,
+            ``'torch'`` and ``'reference'`` (the GPU backends refuse it). Not normalised
+            inside.
+        labels: integer class ids ``[B]``, or multi-hot bool ``[B, L]`` (L <= 64; two samples
+            are positives when they share a label). ``labels=None`` and ``mask=None`` gives
+            SimCLR (the other views of a sample are its positives).
+        mask: SupContrast's ``[B, B]`` positive weights (bool, integer or non-negative float,
+            possibly asymmetric), tiled over the views; every streaming backend reads it per
+            tile (nothing N×N is built). Exclusive with ``labels``; cannot be combined with
+            ``gather_distributed`` or ``queue``.
         temperature: τ (default 0.07, as SupContrast).
         base_temperature: τ_b; the loss is scaled by τ/τ_b, as SupContrast does (its recipe
             ``--temp 0.1`` keeps τ_b = 0.07, a ×1.43 gradient scale). Pass τ_b = τ to remove it.
@@ -283,7 +350,13 @@ def supcon_loss(
             variant=variant,
             queue=queue,
         )
-    y, ml = V.check_label_input(labels, b, z)
+    y, ml = V.check_label_input(labels, b, z, pack=False)
+    if variant == "out" and _fusable(
+        eng, z, mode=contrast_mode, queue=queue, gather=gather_distributed
+    ):
+        return _fused(eng, "supcon_out", "out", z, y, v, t, ml, (t / tb) / z.shape[0])  # type: ignore[return-value]
+    if ml:
+        y = V.pack_multihot(y)
     if y is None:
         y = _sample_ids(b, z.device, gather_distributed, group)
     y = y.repeat(v)
@@ -355,12 +428,16 @@ def ntxent_loss(
 ) -> Tensor:
     """NT-Xent / SimCLR (Chen et al. 2020): positives are the other views of the same sample.
 
-    ``features`` ``[B, V, D]``; τ default 0.5 (SupContrast's SimCLR setting); no
-    base-temperature scaling (this equals ``supcon_loss(labels=None, base_temperature=τ)``).
+    No base-temperature scaling (this equals ``supcon_loss(labels=None, base_temperature=τ)``).
     Queue rows are negatives (their labels are ignored).
+
+    Args:
+        features: ``[B, V, D]`` (V views of B samples; dtypes as :func:`supcon_loss`).
+        temperature: τ (default 0.5, SupContrast's SimCLR setting).
     """
     V.check_multiview(features, "features")
-    return supcon_loss(
+    # The unwrapped function: this function's own wrapper does the autocast/NaN handling once.
+    return supcon_loss.__wrapped__(  # type: ignore[attr-defined]
         features,
         None,
         None,
@@ -387,8 +464,13 @@ def sincere_loss(
     """SINCERE (Feeney & Hughes 2023): each positive against the negatives only.
 
     ℓ_i = (1/C_i) Σ_{p∈P(i)} softplus(η_i − ℓ_ip), η_i = log Σ_{n∈N(i)} e^{ℓ_in}; mean over
-    all N = B·V embeddings, no base temperature, τ default 0.07 (the official code). An anchor
-    with no positive gives 0 (the official code gives NaN); one with no negative gives 0.
+    all N = B·V embeddings, no base temperature. An anchor with no positive gives 0 (the
+    official code gives NaN); one with no negative gives 0.
+
+    Args:
+        features: ``[B, V, D]`` or ``[N, D]`` (dtypes as :func:`supcon_loss`).
+        labels: integer class ids ``[B]`` or multi-hot bool ``[B, L]`` (L <= 64); required.
+        temperature: τ (default 0.07, the official code's).
     """
     z, b, v = V.flatten_features(features, "features")
     t = V.check_temperature(temperature, "temperature")
@@ -396,8 +478,10 @@ def sincere_loss(
     _check_streaming(eng, gather_distributed, "sincere_loss")
     if eng is None:
         return R.sincere_loss(features, labels, temperature=t, queue=queue)
-    y, ml = V.check_label_input(labels, b, z, required=True)
-    y = y.repeat(v)
+    y, ml = V.check_label_input(labels, b, z, required=True, pack=False)
+    if _fusable(eng, z, mode="all", queue=queue, gather=gather_distributed):
+        return _fused(eng, "sincere", "sincere", z, y, v, t, ml, 1.0 / z.shape[0])  # type: ignore[return-value]
+    y = (V.pack_multihot(y) if ml else y).repeat(v)
     c = _contrast(z, y, gather=gather_distributed, group=group, queue=queue, multilabel=ml)
     eta, _, pcnt = _lse(eng, "sincere", 0, z, c.cols, y, c.labels, c.offset, t, multilabel=ml)
     sp, _ = _sp(eng, z, c.cols, y, c.labels, eta, c.offset, t, ml)
@@ -419,12 +503,17 @@ def genscl_loss(
 ) -> Tensor:
     """GenSCL (Kim et al. 2022): cross-entropy of label cosine similarity vs latent softmax.
 
+    With one-hot labels this is SupCon L_out.
+
     Args:
-        soft_labels: non-negative ``[B, K]`` (shared by the views) or ``[B, V, K]`` (per view,
-            e.g. independent mixup of each view). Receive no gradient. A queue must hold soft
-            labels (``MemoryQueue(..., num_soft_classes=K)``).
-    Defaults τ = τ_b = 0.07 (the class defaults; its training script uses ``--temp 0.1`` with
-    τ_b = 0.07). With one-hot labels this is SupCon L_out.
+        features: ``[B, V, D]`` or ``[N, D]`` (dtypes as :func:`supcon_loss`).
+        soft_labels: non-negative floating ``[B, K]`` (shared by the views) or ``[B, V, K]``
+            (per view, e.g. independent mixup of each view), every row with some mass. Receive
+            no gradient. A queue must hold soft labels (``MemoryQueue(...,
+            num_soft_classes=K)``).
+        temperature: τ (default 0.07, the class default; its training script uses
+            ``--temp 0.1``).
+        base_temperature: τ_b (default 0.07); the loss is scaled by τ/τ_b.
     """
     z, b, v = V.flatten_features(features, "features")
     t = V.check_temperature(temperature, "temperature")
@@ -483,9 +572,16 @@ def tcl_loss(
     """Tuned Contrastive Learning (Animesh & Chandraker).
 
     ℓ_i = log D_i − Q_i/C_i with D_i = Σ_P e^{ℓ} + k1·Σ_P e^{−s} + k2·Σ_N e^{ℓ}; the k1 term
-    uses e^{−s} without τ, as the official code does. Defaults τ = 0.1, k1 = 5000, k2 = 1
-    (the official code). Row form (the official code divides entry [i, j] by D_j, which gives
-    the same batch mean for label-defined positives). No positives: 0 (official code: NaN).
+    uses e^{−s} without τ, as the official code does. Row form (the official code divides
+    entry [i, j] by D_j, which gives the same batch mean for label-defined positives). No
+    positives: 0 (official code: NaN).
+
+    Args:
+        features: ``[B, V, D]`` or ``[N, D]`` (dtypes as :func:`supcon_loss`).
+        labels: integer class ids ``[B]`` or multi-hot bool ``[B, L]`` (L <= 64); required.
+        temperature: τ (default 0.1, the official code's).
+        k1: weight of the positives' e^{−s} term, >= 0 (default 5000).
+        k2: weight of the negatives, >= 0 (default 1).
     """
     z, b, v = V.flatten_features(features, "features")
     t = V.check_temperature(temperature, "temperature")
@@ -495,10 +591,12 @@ def tcl_loss(
     _check_streaming(eng, gather_distributed, "tcl_loss")
     if eng is None:
         return R.tcl_loss(features, labels, temperature=t, k1=k1, k2=k2, queue=queue)
-    y, ml = V.check_label_input(labels, b, z, required=True)
-    y = y.repeat(v)
-    c = _contrast(z, y, gather=gather_distributed, group=group, queue=queue, multilabel=ml)
+    y, ml = V.check_label_input(labels, b, z, required=True, pack=False)
     opts = {"k1": k1, "k2": k2}
+    if _fusable(eng, z, mode="all", queue=queue, gather=gather_distributed):
+        return _fused(eng, "tcl", "out", z, y, v, t, ml, 1.0 / z.shape[0], opts)  # type: ignore[return-value]
+    y = (V.pack_multihot(y) if ml else y).repeat(v)
+    c = _contrast(z, y, gather=gather_distributed, group=group, queue=queue, multilabel=ml)
     log_d, psum, pcnt = _lse(
         eng, "tcl", 0, z, c.cols, y, c.labels, c.offset, t, opts, multilabel=ml
     )
@@ -507,7 +605,13 @@ def tcl_loss(
 
 
 def esupcon_logits(features: Tensor, prototypes: Tensor, temperature: float = 0.1) -> Tensor:
-    """ESupCon's classifier logits z·u_k/τ, u_k = w_k/‖w_k‖: p(y=k|z) = softmax_k(logits)."""
+    """ESupCon's classifier logits z·u_k/τ, u_k = w_k/‖w_k‖: p(y=k|z) = softmax_k(logits).
+
+    Args:
+        features: ``[N, D]`` embeddings z.
+        prototypes: ``[K, D]`` class weights w_k (cast to the features' dtype).
+        temperature: τ (default 0.1).
+    """
     V.check_tensor(features, "features")
     if features.dim() != 2:
         raise ValueError(f"features must have shape [N, D], got {tuple(features.shape)}")
@@ -539,10 +643,16 @@ def esupcon_loss(
     default), mean over all anchors.
 
     Args:
+        features: ``[B, V, D]`` or ``[N, D]`` (dtypes as :func:`supcon_loss`).
+        labels: integer ids in ``[0, K)`` ``[B]``, or multi-hot bool ``[B, L]`` with L <= K
+            (label l is prototype l; at most 64 prototypes then).
         prototypes: ``[K, D]`` class weights (normalised inside; receive gradient). With
             ``gather_distributed`` they are the same on every rank (as under DDP); every rank
             computes the prototype anchors and weighs them by 1/W.
-        labels: integer ids in ``[0, K)``.
+        temperature: τ (default 0.1).
+        base_temperature: τ_b (default ``None``: τ_b = τ, no scaling).
+        prototype_anchors: also use the prototypes as anchors against the samples (default
+            ``True``).
     """
     z, b, v = V.flatten_features(features, "features")
     t = V.check_temperature(temperature, "temperature")

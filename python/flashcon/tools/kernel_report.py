@@ -41,8 +41,35 @@ KERNELS = (
     "_bwd_dk_kernel",
     "_sym_fwd_kernel",
     "_sym_bwd_kernel",
+    "_prep_kernel",
+    "_finish_kernel",
+    "_bwd_prep_kernel",
+    "_bwd_finish_kernel",
 )
 SYM_KERNELS = ("_sym_fwd_kernel", "_sym_bwd_kernel")
+# fused.py's small kernels around the symmetric path: no tile products, fixed tiles
+# (launch._ROWS × launch._COLS, 4 warps); the flag sets the launchers pass.
+SMALL_KERNELS = {
+    "_prep_kernel": [
+        {"HAS_K1": k1, "HAS_TERMS": True, "LABELS": lab}
+        for k1 in (False, True)
+        for lab in (0, 1, 2)
+    ],
+    "_finish_kernel": [
+        {"LOSS": 0, "STAGE": 0, "HAS_K1": False},
+        {"LOSS": 0, "STAGE": 0, "HAS_K1": True},
+        {"LOSS": 1, "STAGE": 0, "HAS_K1": False},
+        {"LOSS": 1, "STAGE": 1, "HAS_K1": False},
+    ],
+    "_bwd_prep_kernel": [
+        {"LOSS": 0, "HAS_K1": False},
+        {"LOSS": 0, "HAS_K1": True},
+        {"LOSS": 1, "HAS_K1": False},
+    ],
+    "_bwd_finish_kernel": [{}],
+}
+# The small kernels whose pointers have the input dtype (the others are fp32 throughout).
+TYPED_SMALL = ("_prep_kernel", "_bwd_finish_kernel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +107,8 @@ def specs(archs, quick: bool) -> list[Spec]:
         bits = 32 if dtype == "fp32" else 16
         precs = ("ieee", "tf32") if dtype == "fp32" else ("ieee",)
         for kernel, prec in itertools.product(KERNELS, precs):
+            if kernel in SMALL_KERNELS:
+                continue
             sym = kernel in SYM_KERNELS
             kind = "fwd" if "fwd" in kernel else "bwd"
             buckets = ("any",) if kind == "fwd" or sym else ("narrow", "wide")
@@ -136,6 +165,13 @@ def specs(archs, quick: bool) -> list[Spec]:
                             continue
                         seen.add(key)
                         out.append(Spec(kernel, arch, dtype, prec, bucket, flt, cfg))
+        for kernel, flag_sets in SMALL_KERNELS.items():
+            if dtype != "fp32" and kernel not in TYPED_SMALL:
+                continue
+            for fl in flag_sets:
+                rows = launch._PREP_ROWS if kernel == "_prep_kernel" else launch._ROWS
+                cfg = (rows, 0, launch._COLS, 0, launch.SMALL_WARPS, launch.SMALL_STAGES)
+                out.append(Spec(kernel, arch, dtype, "-", "any", tuple(fl.items()), cfg))
     return out
 
 
@@ -143,6 +179,8 @@ def _signature(fn, spec: Spec) -> tuple[dict, dict, dict]:
     ptr = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}[spec.dtype]
     bm, bn, bd, bdo, _, _ = spec.cfg
     const = dict(spec.flags)
+    if spec.kernel in SMALL_KERNELS:
+        return _small_signature(fn, spec, ptr, const)
     if "GATED" in fn.arg_names:
         const.setdefault("GATED", False)
     if "BLOCK" in fn.arg_names:  # the symmetric kernels' square tiles
@@ -176,6 +214,38 @@ def _signature(fn, spec: Spec) -> tuple[dict, dict, dict]:
     return sig, const, attrs
 
 
+def _small_signature(fn, spec: Spec, ptr: str, const: dict) -> tuple[dict, dict, dict]:
+    from flashcon.triton_kernels import launch
+
+    const["BLOCK_R"] = spec.cfg[0]
+    if "BLOCK_D" in fn.arg_names:
+        const["BLOCK_D"] = spec.cfg[2]
+    if "RANGE" in fn.arg_names:
+        const["RANGE"] = launch.SYM_RANGE
+    floats = ("scale", "c_pos", "c_neg", "log_cmax", "log_spread", "log_k1", "inv_t", "factor")
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in const:
+            sig[name] = "constexpr"
+        elif name == "z_ptr" or (name == "out_ptr" and spec.kernel == "_bwd_finish_kernel"):
+            sig[name] = ptr
+        elif name in ("gate_ptr", "fgate_ptr"):
+            sig[name] = "*i32"
+        elif name == "lab_in_ptr":  # multi-hot labels arrive as uint8 [B, L]
+            sig[name] = "*u8" if const.get("LABELS") == 1 else "*i64"
+        elif name == "lab_ptr":
+            sig[name] = "*i64"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
+        elif name in floats or name == "BIG":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+        if sig[name].startswith("*"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, const, attrs
+
+
 def launch_maxnreg() -> int:
     from flashcon.triton_kernels import launch
 
@@ -197,10 +267,12 @@ def compile_one(spec: Spec) -> dict:
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
 
+        from flashcon.triton_kernels import fused as F
         from flashcon.triton_kernels import lse as K
         from flashcon.triton_kernels import sym as S
 
-        fn = getattr(S if spec.kernel in SYM_KERNELS else K, spec.kernel)
+        mod = S if spec.kernel in SYM_KERNELS else F if spec.kernel in SMALL_KERNELS else K
+        fn = getattr(mod, spec.kernel)
         sig, const, attrs = _signature(fn, spec)
         src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
         _, _, _, _, warps, stages = spec.cfg
@@ -245,7 +317,8 @@ def verdict(row: dict) -> list[str]:
         bad.append(f"spills (stack {row['stack']} B, local {row['local']} B)")
     if row["shared"] > SHARED_LIMIT[spec.arch]:
         bad.append(f"shared {row['shared']} B > {SHARED_LIMIT[spec.arch]} B")
-    needs_mma = spec.dtype != "fp32" or spec.prec == "tf32"
+    has_products = spec.kernel not in SMALL_KERNELS
+    needs_mma = has_products and (spec.dtype != "fp32" or spec.prec == "tf32")
     if needs_mma and not (row["hmma"] or row["hgmma"]):
         bad.append("no tensor-core instruction (HMMA/HGMMA) for a 16-bit/tf32 product")
     return bad
@@ -296,6 +369,8 @@ def main(argv=None) -> int:
         mark = "ok" if not bad else "FAIL: " + "; ".join(bad)
         if not bad and r["spec"].dtype == "fp32" and r["spec"].prec == "ieee":
             mark = "ok (ieee fp32: FFMA by design)"
+        if not bad and r["spec"].kernel in SMALL_KERNELS:
+            mark = "ok (no tile products)"
         print(f"{r['label']:{width}}  sm_{r['arch']}  {r['regs']:>4}  {spill:>8}  "
               f"{r['shared']:>7}  {r['hmma']:>4}  {r['hgmma']:>5}  {mark}")  # fmt: skip
     print(f"{len(rows)} specialisations, {failed} failing, {time.time() - t0:.0f}s")
