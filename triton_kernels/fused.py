@@ -8,9 +8,10 @@ N below ~10⁵. Here they are four kernels, and nothing reaches the host:
 
 - ``_prep_kernel`` (one program): R² = max_i ‖z_i‖² and whether any z is non-finite, the
   plan ``[A, R², c_pos, c_neg, 1/m_max, l1, l2, range1, range2, bad]`` the symmetric kernels
-  read (sym.py), the int32 gates ``[gate, 1]`` (the symmetric kernels run where gate = 1, the
-  general ``GATED`` kernels where it is 0; the constant 1 gates SINCERE's softplus pass, which
-  has no fallback), and zeroes the sums the symmetric forward adds into. One program reads
+  read (sym.py), the int32 gates (``[0]``: the symmetric kernels run where it is 1, the general
+  ``GATED`` kernels where it is 0; ``[4]``, 16 bytes on so that its pointer stays aligned as
+  the kernel report compiles it: the constant 1 that gates SINCERE's softplus pass, which has
+  no fallback), and zeroes the sums the symmetric forward adds into. One program reads
   N·D values once: at N = 65 536, D = 128, bf16, that is 16 MB.
 - ``_finish_kernel`` (one program, a fixed-order, deterministic sum): the per-row statistics
   from the symmetric sums (gate 1) or the general kernel's outputs (gate 0), the per-row loss
@@ -148,7 +149,7 @@ def _prep_kernel(
     tl.store(plan_ptr + 8, range2)
     tl.store(plan_ptr + 9, any_bad.to(tl.float32))
     tl.store(gate_ptr, ok_plan.to(tl.int32))
-    tl.store(gate_ptr + 1, any_bad * 0 + 1)
+    tl.store(gate_ptr + 4, any_bad * 0 + 1)
     zero = tl.zeros([BLOCK_R * 4], dtype=tl.float32)
     for s0 in range(0, n_sums, BLOCK_R * 4):
         offs = s0 + tl.arange(0, BLOCK_R * 4)
@@ -271,6 +272,7 @@ def _bwd_prep_kernel(
     dz_ptr,
     N,
     D,
+    stride_vec,
     stride_dz,
     scale,
     inv_t,
@@ -322,15 +324,15 @@ def _bwd_prep_kernel(
     else:
         kap = tl.zeros([BLOCK_R], dtype=tl.float32)
     tl.store(vec_ptr + rows, rho, mask=ok)
-    tl.store(vec_ptr + N + rows, kap, mask=ok)
-    tl.store(vec_ptr + 2 * N + rows, g_psum, mask=ok)
-    tl.store(vec_ptr + 3 * N + rows, g_lse, mask=ok)
-    tl.store(vec_ptr + 4 * N + rows, g_sp, mask=ok)
+    tl.store(vec_ptr + stride_vec + rows, kap, mask=ok)
+    tl.store(vec_ptr + 2 * stride_vec + rows, g_psum, mask=ok)
+    tl.store(vec_ptr + 3 * stride_vec + rows, g_lse, mask=ok)
+    tl.store(vec_ptr + 4 * stride_vec + rows, g_sp, mask=ok)
     if pid == 0:
         # Not (x <= BIG) rather than x > BIG: a NaN bound fails the gate.
         gate = (tl.load(fgate_ptr) != 0) & (bound1 <= BIG) & (bound2 <= BIG)
         tl.store(gate_ptr, gate.to(tl.int32))
-        tl.store(gate_ptr + 1, gate.to(tl.int32) * 0 + 1)
+        tl.store(gate_ptr + 4, gate.to(tl.int32) * 0 + 1)
     zero = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     base = dz_ptr + (pid * BLOCK_R).to(tl.int64) * stride_dz
     base += tl.arange(0, BLOCK_R)[:, None] * stride_dz

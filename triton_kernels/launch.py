@@ -846,7 +846,7 @@ def fused_fwd(
     out = torch.empty((), dtype=torch.float32, device=dev)
     stats = torch.empty((4, n), dtype=torch.float32, device=dev)
     plan = torch.empty((F.PLAN_SIZE,), dtype=torch.float32, device=dev)
-    gates = torch.empty((2,), dtype=torch.int32, device=dev)
+    gates = torch.empty((8,), dtype=torch.int32, device=dev)  # fused.py: [0] gate, [4] one
     if n == 0:
         return out, stats, plan, gates, lab
     c_pos, c_neg, log_cmax, log_spread, log_k1, has_terms = _fused_constants(w_pos, w_neg, k1)
@@ -889,7 +889,7 @@ def fused_fwd(
     cfg, fl = _sym_setup("sym_fwd", z, d, 0.0, multilabel, False, K.MODE_SP, None)
     _launch_sym(
         "_sym_fwd_kernel", n, cfg, fl,
-        (z, lab, stats[0], _unused(dev), gates[1:], sp_sums, n, d, z.stride(0), float(scale),
+        (z, lab, stats[0], _unused(dev), gates[4:], sp_sums, n, d, z.stride(0), float(scale),
          *_pw_args(None, sp_sums, n, n)),
     )  # fmt: skip
     _small(
@@ -925,21 +925,23 @@ def fused_bwd(
     out = torch.empty((n, d_true), dtype=z.dtype, device=dev)
     if n == 0 or d == 0:
         return out
-    vec = torch.empty((5, n), dtype=torch.float32, device=dev)
-    bgates = torch.empty((2,), dtype=torch.int32, device=dev)
+    # Rows 16-byte aligned (the kernels are specialised, and reported, on aligned pointers).
+    vec = torch.empty((5, -(-n // 4) * 4), dtype=torch.float32, device=dev)[:, :n]
+    bgates = torch.empty((8,), dtype=torch.int32, device=dev)
     dz = torch.empty((n, d), dtype=torch.float32, device=dev)
     rows = triton.cdiv(n, _ROWS)
     _small(
         "_bwd_prep_kernel", (rows,),
-        (g.to(torch.float32).reshape(1), stats, plan, gates, vec, bgates, dz, n, d, dz.stride(0),
-         float(scale), float(scale), float(factor), torch.finfo(torch.float32).max / 4),
+        (g.to(torch.float32).reshape(1), stats, plan, gates, vec, bgates, dz, n, d,
+         vec.stride(0), dz.stride(0), float(scale), float(scale), float(factor),
+         torch.finfo(torch.float32).max / 4),
         LOSS=code, HAS_K1=k1 > 0, BLOCK_R=_ROWS, BLOCK_D=_COLS,
     )  # fmt: skip
     if code == F.LOSS_SINCERE:
         cfg, fl = _sym_setup("sym_bwd", z, d, 0.0, multilabel, False, K.MODE_SP, None)
         _launch_sym(
             "_sym_bwd_kernel", n, cfg, fl,
-            (z, lab, vec[4], stats[0], _unused(dev), _unused(dev), bgates[1:], dz, n, d,
+            (z, lab, vec[4], stats[0], _unused(dev), _unused(dev), bgates[4:], dz, n, d,
              z.stride(0), dz.stride(0), float(scale), *_pw_args(None, dz, n, n)),
         )  # fmt: skip
     # The general kernels run (and write dq, dk) only where the backward gate is 0.
