@@ -168,7 +168,9 @@ def check_mask(mask: Tensor, b: int, ref: Tensor, name: str = "mask") -> Tensor:
         raise ValueError(f"{name} must have shape [B, B] = [{b}, {b}], got {tuple(mask.shape)}")
     _same_device(mask, ref, name)
     if mask.is_floating_point():
-        if _eager() and not torch.isfinite(mask).all() or (mask < 0).any():
+        # Both checks read data: eager only (under torch.compile they would be a
+        # data-dependent branch).
+        if _eager() and (not torch.isfinite(mask).all() or (mask < 0).any()):
             raise ValueError(f"{name} must hold finite, non-negative positive weights")
     elif mask.dtype not in _INT_DTYPES and mask.dtype != torch.bool:
         raise TypeError(f"{name} must be a bool, integer or floating tensor, got {mask.dtype}")

@@ -198,7 +198,10 @@ def sincere_loss(
     neg = ~same
     eta, has_neg = _safe_logsumexp(logits, neg)
     eta_safe = torch.where(has_neg, eta, torch.zeros_like(eta))
-    terms = torch.nn.functional.softplus(eta_safe[:, None] - logits)
+    # log(1 + e^x) exactly in every dtype (F.softplus returns x itself above x = 20: an error
+    # of up to e^-20 that float64 would show).
+    x = eta_safe[:, None] - logits
+    terms = torch.logaddexp(x, torch.zeros_like(x))
     terms = torch.where(pos & has_neg[:, None], terms, torch.zeros_like(terms))
     c = pos.sum(dim=1).to(z.dtype)
     rows = terms.sum(dim=1) / c.clamp_min(1)

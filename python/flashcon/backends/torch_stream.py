@@ -162,7 +162,8 @@ def sp_fwd(
         r1 = min(n, r0 + step)
         _, s, w, _ = _tile(q, k, qlab, klab, r0, r1, self_offset, multilabel, pos_weight)
         x = eta[r0:r1, None] - scale * s
-        sp[r0:r1] = (w * torch.nn.functional.softplus(x)).sum(dim=1)
+        # log(1 + e^x) exactly (F.softplus returns x above 20: float64 would see the e^-20).
+        sp[r0:r1] = (w * torch.logaddexp(x, torch.zeros_like(x))).sum(dim=1)
         r[r0:r1] = (w * torch.sigmoid(x)).sum(dim=1)
     return sp, r
 
