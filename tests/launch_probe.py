@@ -55,7 +55,8 @@ OUTPUTS = {
     "_bwd_dk_kernel": ("dk_ptr",),
     "_sym_fwd_kernel": ("out_ptr",),
     "_sym_bwd_kernel": ("dz_ptr",),
-    "_prep_kernel": ("plan_ptr", "gate_ptr", "sums_ptr", "lab_ptr"),
+    "_prep_kernel": ("part_ptr", "sums_ptr", "lab_ptr"),
+    "_plan_kernel": ("plan_ptr", "gate_ptr", "out_ptr"),
     "_bwd_prep_kernel": ("vec_ptr", "gate_ptr", "dz_ptr"),
     "_bwd_finish_kernel": ("out_ptr",),
 }

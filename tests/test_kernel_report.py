@@ -27,7 +27,8 @@ def test_kernel_report_quick():
     lines = proc.stdout.splitlines()
     rows = [line for line in lines if line.startswith(("lse_", "sp_", "bwd_dq", "bwd_dk"))]
     # fused.py's small kernels (no tile products) are in the report too, clean.
-    small = [line for line in lines if line.startswith(("prep_", "finish_", "bwd_prep", "bwd_fin"))]
+    prefixes = ("prep_", "plan_", "finish_", "bwd_prep", "bwd_fin")
+    small = [line for line in lines if line.startswith(prefixes)]
     assert len(small) >= 2 * 10 and all(" ok" in line for line in small), out[-6000:]
     assert len(rows) >= 16 and all(" ok" in line for line in rows), out[-6000:]
     # 16-bit tile products use tensor cores: HMMA on sm_80, HGMMA (or HMMA) on sm_90.

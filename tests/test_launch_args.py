@@ -28,6 +28,7 @@ KERNELS = [
     "_bwd_prep_kernel",
     "_finish_kernel",
     "_prep_kernel",
+    "_plan_kernel",
     "_bwd_dk_kernel",
     "_bwd_dq_kernel",
     "_lse_fwd_kernel",

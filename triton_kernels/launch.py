@@ -765,7 +765,8 @@ FUSED_LOSSES = {"out": F.LOSS_OUT, "sincere": F.LOSS_SINCERE}
 # Tiles of the small kernels (fused.py; spill-free in the kernel report at 4 warps).
 _ROWS = 64
 _COLS = 64
-_PREP_ROWS = 32  # the prep kernel also keeps its loads in flight: half the rows
+_PREP_ROWS = 32  # the prep kernel's row blocks (its [rows, D chunk] loads: half the rows)
+_PLAN_BLOCK = 1024  # partials the one-program plan kernel reduces per step
 SMALL_WARPS, SMALL_STAGES = 4, 1
 
 
@@ -821,9 +822,9 @@ def fused_fwd(
     w_neg: float,
     k1: float,
     multilabel: bool,
-    factor: float,
+    weight: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """A whole 'all'-mode loss (fused.py): (loss, stats [4, N], plan [16], gates int32 [2],
+    """A whole 'all'-mode loss (fused.py): (loss, stats [4, N], plan [16], gates int32 [8],
     labels int64 [N]).
 
     ``z`` [N, D] holds ``views`` views of B = N / views samples, view-major; ``labels`` are
@@ -831,10 +832,11 @@ def fused_fwd(
     ``multilabel``), or None for sample ids (SimCLR). The prep kernel expands (and packs) them
     to the rows' labels, returned for the backward.
 
-    ``loss`` 'out': factor·Σ_i [C_i > 0]·(LSE_i − scale·psum_i/C_i) with the LSE of
-    weights (w_pos, w_neg, k1); 'sincere': factor·Σ_i sp_i/max(C_i, 1) with η the LSE of
+    ``loss`` 'out': (weight/N)·Σ_i [C_i > 0]·(LSE_i − scale·psum_i/C_i) with the LSE of
+    weights (w_pos, w_neg, k1); 'sincere': (weight/N)·Σ_i sp_i/max(C_i, 1) with η the LSE of
     weights (0, 1, 0). NaN when any row of z is non-finite. ``stats``, ``plan`` and ``gates``
-    are what :func:`fused_bwd` reads."""
+    are what :func:`fused_bwd` reads. No float argument depends on N: under torch.compile a
+    new batch size does not recompile."""
     code = _fused_code(loss)
     n, dev = z.shape[0], z.device
     if views < 1 or n % views:
@@ -843,20 +845,25 @@ def fused_fwd(
     kind, lab_in, n_lab, stride_lab = _fused_labels(labels, b, multilabel, dev)
     lab = torch.empty((n,), dtype=torch.int64, device=dev)
     z, _, _, _, d = _prep(z, z, lab, lab)
-    out = torch.empty((), dtype=torch.float32, device=dev)
     stats = torch.empty((4, n), dtype=torch.float32, device=dev)
     plan = torch.empty((F.PLAN_SIZE,), dtype=torch.float32, device=dev)
     gates = torch.empty((8,), dtype=torch.int32, device=dev)  # fused.py: [0] gate, [4] one
     if n == 0:
-        return out, stats, plan, gates, lab
+        return torch.zeros((), dtype=torch.float32, device=dev), stats, plan, gates, lab
+    out = torch.empty((), dtype=torch.float32, device=dev)
     c_pos, c_neg, log_cmax, log_spread, log_k1, has_terms = _fused_constants(w_pos, w_neg, k1)
     sums = torch.empty((4, n), dtype=torch.float32, device=dev)
+    p = triton.cdiv(n, _PREP_ROWS)
+    part = torch.empty((2 * p,), dtype=torch.float32, device=dev)  # [R² partials | bad flags]
     _small(
-        "_prep_kernel", (1,),
-        (z, lab_in, plan, gates, sums, lab, n, d, z.stride(0), 4 * n, b, n_lab, stride_lab,
-         float(scale), c_pos, c_neg, log_cmax, log_spread, log_k1),
-        RANGE=SYM_RANGE, HAS_K1=k1 > 0, HAS_TERMS=has_terms, LABELS=kind, BLOCK_R=_PREP_ROWS,
-        BLOCK_D=_COLS,
+        "_prep_kernel", (p,),
+        (z, lab_in, part, sums, lab, n, d, z.stride(0), b, n_lab, stride_lab),
+        N_SUMS=4, LABELS=kind, BLOCK_R=_PREP_ROWS, BLOCK_D=_COLS,
+    )  # fmt: skip
+    _small(
+        "_plan_kernel", (1,),
+        (part, plan, gates, out, p, float(scale), c_pos, c_neg, log_cmax, log_spread, log_k1),
+        RANGE=SYM_RANGE, HAS_K1=k1 > 0, HAS_TERMS=has_terms, BLOCK_P=_PLAN_BLOCK,
     )  # fmt: skip
     # The general kernel runs (and writes) only where the gate is 0.
     lse_g, psum_g, pcnt_g = lse_fwd(
@@ -868,22 +875,23 @@ def fused_fwd(
         (z, lab, _unused(dev), plan, gates, sums, n, d, z.stride(0), float(scale),
          *_pw_args(None, sums, n, n)),
     )  # fmt: skip
+    rows = (triton.cdiv(n, _ROWS),)
     fin = {"HAS_K1": k1 > 0, "BLOCK_R": _ROWS}
     inv_t = float(scale)
     if code == F.LOSS_OUT:
         _small(
-            "_finish_kernel", (1,),
-            (sums, lse_g, psum_g, pcnt_g, plan, gates, stats, out, _unused(dev), n, 0, inv_t,
-             float(factor)),
+            "_finish_kernel", rows,
+            (sums, lse_g, psum_g, pcnt_g, plan, gates, stats, out, _unused(dev), n, inv_t,
+             float(weight)),
             LOSS=F.LOSS_OUT, STAGE=0, **fin,
         )  # fmt: skip
         return out, stats, plan, gates, lab
-    # SINCERE: η, then the softplus pass (no fallback: its gate is the constant gates[1]).
+    # SINCERE: η, then the softplus pass (no fallback: its gate is the constant gates[4]).
     sp_sums = torch.empty((2, n), dtype=torch.float32, device=dev)
     _small(
-        "_finish_kernel", (1,),
-        (sums, lse_g, psum_g, pcnt_g, plan, gates, stats, _unused(dev), sp_sums, n, 2 * n,
-         inv_t, float(factor)),
+        "_finish_kernel", rows,
+        (sums, lse_g, psum_g, pcnt_g, plan, gates, stats, _unused(dev), sp_sums, n, inv_t,
+         float(weight)),
         LOSS=F.LOSS_SINCERE, STAGE=0, **fin,
     )  # fmt: skip
     cfg, fl = _sym_setup("sym_fwd", z, d, 0.0, multilabel, False, K.MODE_SP, None)
@@ -893,9 +901,9 @@ def fused_fwd(
          *_pw_args(None, sp_sums, n, n)),
     )  # fmt: skip
     _small(
-        "_finish_kernel", (1,),
+        "_finish_kernel", rows,
         (sp_sums, _unused(dev), _unused(dev), _unused(dev), plan, gates, stats, out,
-         _unused(dev), n, 0, inv_t, float(factor)),
+         _unused(dev), n, inv_t, float(weight)),
         LOSS=F.LOSS_SINCERE, STAGE=1, **fin,
     )  # fmt: skip
     return out, stats, plan, gates, lab
@@ -914,7 +922,7 @@ def fused_bwd(
     w_neg: float,
     k1: float,
     multilabel: bool,
-    factor: float,
+    weight: float,
 ) -> Tensor:
     """dz of :func:`fused_fwd`'s loss for the incoming gradient ``g`` (a 0-d tensor)."""
     code = _fused_code(loss)
@@ -925,15 +933,14 @@ def fused_bwd(
     out = torch.empty((n, d_true), dtype=z.dtype, device=dev)
     if n == 0 or d == 0:
         return out
-    # Rows 16-byte aligned (the kernels are specialised, and reported, on aligned pointers).
-    vec = torch.empty((5, -(-n // 4) * 4), dtype=torch.float32, device=dev)[:, :n]
+    vec = torch.empty((5, n), dtype=torch.float32, device=dev)
     bgates = torch.empty((8,), dtype=torch.int32, device=dev)
     dz = torch.empty((n, d), dtype=torch.float32, device=dev)
     rows = triton.cdiv(n, _ROWS)
     _small(
         "_bwd_prep_kernel", (rows,),
         (g.to(torch.float32).reshape(1), stats, plan, gates, vec, bgates, dz, n, d,
-         vec.stride(0), dz.stride(0), float(scale), float(scale), float(factor),
+         vec.stride(0), dz.stride(0), float(scale), float(scale), float(weight),
          torch.finfo(torch.float32).max / 4),
         LOSS=code, HAS_K1=k1 > 0, BLOCK_R=_ROWS, BLOCK_D=_COLS,
     )  # fmt: skip

@@ -199,9 +199,9 @@ def fused_fwd_op(
     w_neg: float,
     k1: float,
     multilabel: bool,
-    factor: float,
+    weight: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return launch.fused_fwd(z, labels, views, loss, scale, w_pos, w_neg, k1, multilabel, factor)
+    return launch.fused_fwd(z, labels, views, loss, scale, w_pos, w_neg, k1, multilabel, weight)
 
 
 @torch.library.triton_op("flashcon::triton_fused_bwd", mutates_args=())
@@ -218,10 +218,10 @@ def fused_bwd_op(
     w_neg: float,
     k1: float,
     multilabel: bool,
-    factor: float,
+    weight: float,
 ) -> Tensor:
     return launch.fused_bwd(
-        g, z, lab, stats, plan, gates, loss, scale, w_pos, w_neg, k1, multilabel, factor
+        g, z, lab, stats, plan, gates, loss, scale, w_pos, w_neg, k1, multilabel, weight
     )
 
 

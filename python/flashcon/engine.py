@@ -49,14 +49,18 @@ Symmetric path (optional per backend; issue "half the work in 'all' mode")
     kernels under ``torch.use_deterministic_algorithms``).
 
 Fused whole losses (optional per backend; Triton's ``flashcon::triton_fused_fwd``)
-    ``fused(z, lab, loss, scale, w_pos, w_neg, k1, multilabel, factor) -> (value, stats, plan,
-    gates)``: a whole 'all'-mode loss from the symmetric path in a few launches, for the losses
-    whose per-row term is closed-form in the statistics: ``loss='out'`` gives
-    factor·Σ_i [pcnt_i > 0]·(lse_i − scale·psum_i/pcnt_i) (lse with weights (w_pos, w_neg,
-    k1); −inf lse counts 0): SupCon L_out, NT-Xent, TCL; ``loss='sincere'`` gives
-    factor·Σ_i sp_i/max(pcnt_i, 1) with eta the lse of weights (0, 1, 0). NaN when any row of
-    z is non-finite. Differentiable in ``value`` (the other outputs are the backward's
-    inputs). Not used with masks, queues, gathering, or deterministic algorithms.
+    ``fused(z, labels, views, loss, scale, w_pos, w_neg, k1, multilabel, weight) -> (value,
+    stats, plan, gates, rows' labels)``: a whole 'all'-mode loss from the symmetric path in a
+    few launches, for the losses whose per-row term is closed-form in the statistics. ``z``
+    is view-major with ``views`` views of B samples; ``labels`` are the samples' (int64 [B],
+    multi-hot bool [B, L], or None for sample ids), expanded over the views by the op.
+    ``loss='out'`` gives (weight/N)·Σ_i [pcnt_i > 0]·(lse_i − scale·psum_i/pcnt_i) (lse with
+    weights (w_pos, w_neg, k1); −inf lse counts 0): SupCon L_out, NT-Xent, TCL;
+    ``loss='sincere'`` gives (weight/N)·Σ_i sp_i/max(pcnt_i, 1) with eta the lse of weights
+    (0, 1, 0). NaN when any row of z is non-finite. Differentiable in ``value`` (the other
+    outputs are the backward's inputs). Not used with masks, queues, gathering, or
+    deterministic algorithms (checked when the forward runs: the backward of a loss computed
+    before ``torch.use_deterministic_algorithms(True)`` still uses atomics).
 
 Gradients reach q and k only (labels and weights get none; eta's producer is reached through
 autograd via r). Every output is O(N + M); nothing N×M exists in any backend. ``dq``/``dk``

@@ -107,13 +107,17 @@ def _fused(
     views: int,
     t: float,
     ml: bool,
-    factor: float,
+    weight: float,
     options=None,
 ) -> _Fused:
-    """``labels``: the per-sample labels as validated (int64 [B], multi-hot bool [B, L], or
-    None for sample ids): the op expands them over the views itself."""
+    """The loss is ``weight`` times the mean of the rows' terms (τ/τ_b for SupCon, else 1).
+
+    ``labels``: the per-sample labels as validated (int64 [B], multi-hot bool [B, L], or None
+    for sample ids): the op expands them over the views itself. The op divides by N on the
+    device: a float argument that depended on N would make torch.compile recompile for every
+    batch size."""
     w_pos, w_neg, k1 = LOSS_SPECS[spec].streams[0].weights(options or {})
-    value = eng.fused(z.contiguous(), labels, views, loss, 1.0 / t, w_pos, w_neg, k1, ml, factor)
+    value = eng.fused(z.contiguous(), labels, views, loss, 1.0 / t, w_pos, w_neg, k1, ml, weight)
     return _Fused(value[0])
 
 
@@ -354,7 +358,7 @@ def supcon_loss(
     if variant == "out" and _fusable(
         eng, z, mode=contrast_mode, queue=queue, gather=gather_distributed
     ):
-        return _fused(eng, "supcon_out", "out", z, y, v, t, ml, (t / tb) / z.shape[0])  # type: ignore[return-value]
+        return _fused(eng, "supcon_out", "out", z, y, v, t, ml, t / tb)  # type: ignore[return-value]
     if ml:
         y = V.pack_multihot(y)
     if y is None:
@@ -480,7 +484,7 @@ def sincere_loss(
         return R.sincere_loss(features, labels, temperature=t, queue=queue)
     y, ml = V.check_label_input(labels, b, z, required=True, pack=False)
     if _fusable(eng, z, mode="all", queue=queue, gather=gather_distributed):
-        return _fused(eng, "sincere", "sincere", z, y, v, t, ml, 1.0 / z.shape[0])  # type: ignore[return-value]
+        return _fused(eng, "sincere", "sincere", z, y, v, t, ml, 1.0)  # type: ignore[return-value]
     y = (V.pack_multihot(y) if ml else y).repeat(v)
     c = _contrast(z, y, gather=gather_distributed, group=group, queue=queue, multilabel=ml)
     eta, _, pcnt = _lse(eng, "sincere", 0, z, c.cols, y, c.labels, c.offset, t, multilabel=ml)
@@ -594,7 +598,7 @@ def tcl_loss(
     y, ml = V.check_label_input(labels, b, z, required=True, pack=False)
     opts = {"k1": k1, "k2": k2}
     if _fusable(eng, z, mode="all", queue=queue, gather=gather_distributed):
-        return _fused(eng, "tcl", "out", z, y, v, t, ml, 1.0 / z.shape[0], opts)  # type: ignore[return-value]
+        return _fused(eng, "tcl", "out", z, y, v, t, ml, 1.0, opts)  # type: ignore[return-value]
     y = (V.pack_multihot(y) if ml else y).repeat(v)
     c = _contrast(z, y, gather=gather_distributed, group=group, queue=queue, multilabel=ml)
     log_d, psum, pcnt = _lse(

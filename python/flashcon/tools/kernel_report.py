@@ -42,6 +42,7 @@ KERNELS = (
     "_sym_fwd_kernel",
     "_sym_bwd_kernel",
     "_prep_kernel",
+    "_plan_kernel",
     "_finish_kernel",
     "_bwd_prep_kernel",
     "_bwd_finish_kernel",
@@ -50,11 +51,8 @@ SYM_KERNELS = ("_sym_fwd_kernel", "_sym_bwd_kernel")
 # fused.py's small kernels around the symmetric path: no tile products, fixed tiles
 # (launch._ROWS × launch._COLS, 4 warps); the flag sets the launchers pass.
 SMALL_KERNELS = {
-    "_prep_kernel": [
-        {"HAS_K1": k1, "HAS_TERMS": True, "LABELS": lab}
-        for k1 in (False, True)
-        for lab in (0, 1, 2)
-    ],
+    "_prep_kernel": [{"N_SUMS": 4, "LABELS": lab} for lab in (0, 1, 2)],
+    "_plan_kernel": [{"HAS_K1": k1, "HAS_TERMS": True} for k1 in (False, True)],
     "_finish_kernel": [
         {"LOSS": 0, "STAGE": 0, "HAS_K1": False},
         {"LOSS": 0, "STAGE": 0, "HAS_K1": True},
@@ -222,12 +220,17 @@ def _small_signature(fn, spec: Spec, ptr: str, const: dict) -> tuple[dict, dict,
         const["BLOCK_D"] = spec.cfg[2]
     if "RANGE" in fn.arg_names:
         const["RANGE"] = launch.SYM_RANGE
-    floats = ("scale", "c_pos", "c_neg", "log_cmax", "log_spread", "log_k1", "inv_t", "factor")
+    if "BLOCK_P" in fn.arg_names:
+        const.pop("BLOCK_R")
+        const["BLOCK_P"] = launch._PLAN_BLOCK
+    floats = ("scale", "c_pos", "c_neg", "log_cmax", "log_spread", "log_k1", "inv_t", "weight")
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in const:
             sig[name] = "constexpr"
-        elif name == "z_ptr" or (name == "out_ptr" and spec.kernel == "_bwd_finish_kernel"):
+        elif name == "z_ptr" or (
+            spec.kernel == "_bwd_finish_kernel" and name in ("out_ptr", "dq_ptr", "dk_ptr")
+        ):
             sig[name] = ptr
         elif name in ("gate_ptr", "fgate_ptr"):
             sig[name] = "*i32"
@@ -241,9 +244,14 @@ def _small_signature(fn, spec: Spec, ptr: str, const: dict) -> tuple[dict, dict,
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
-        if sig[name].startswith("*"):
+        # As the runtime specialises them: the launchers pass 16-byte aligned buffers, and D
+        # (padded) and the strides of padded buffers are multiples of 16.
+        if sig[name].startswith("*") or name in _ALIGNED_INTS:
             attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, const, attrs
+
+
+_ALIGNED_INTS = ("D", "stride_z", "stride_dz", "stride_dq", "stride_dk")
 
 
 def launch_maxnreg() -> int:
