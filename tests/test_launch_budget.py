@@ -13,30 +13,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import flashcon
-from flashcon.tools.launch_count import count_device_ops
+from flashcon.tools.launch_count import count_device_ops, loss_step
 
 pytest.importorskip("triton")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BUDGET = 16
-
-
-def _step(loss: str, labels: str):
-    g = torch.Generator().manual_seed(1)
-    f = torch.nn.functional.normalize(torch.randn(48, 2, 32, generator=g), dim=-1)
-    f = f.to(DEVICE).requires_grad_(True)
-    if labels == "multi-hot":
-        lab = (torch.rand(48, 5, generator=g) < 0.3).to(DEVICE)
-    else:
-        lab = torch.randint(0, 6, (48,), generator=g).to(DEVICE)
-    call = {
-        "supcon": lambda: flashcon.supcon_loss(f, lab, backend="triton"),
-        "ntxent": lambda: flashcon.ntxent_loss(f, backend="triton"),
-        "sincere": lambda: flashcon.sincere_loss(f, lab, backend="triton"),
-        "tcl": lambda: flashcon.tcl_loss(f, lab, backend="triton"),
-    }[loss]
-    return lambda: call().backward()
 
 
 @pytest.mark.parametrize("labels", ["classes", "multi-hot"])
@@ -44,7 +25,7 @@ def _step(loss: str, labels: str):
 def test_loss_step_within_launch_budget_and_no_host_sync(loss, labels):
     if loss == "ntxent" and labels == "multi-hot":
         return  # NT-Xent takes no labels
-    step = _step(loss, labels)
+    step = loss_step(loss, labels, b=48)
     step()  # first call: imports and kernel caches
     ops, syncs = count_device_ops(step)
     total = sum(ops.values())

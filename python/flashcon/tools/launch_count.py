@@ -119,11 +119,21 @@ def count_device_ops(fn: Callable[[], object]) -> tuple[collections.Counter, col
     return counter.ops, counter.syncs
 
 
-def _loss_step(name: str, b: int = 64, v: int = 2, d: int = 32) -> Callable[[], None]:
+def loss_step(
+    name: str, labels: str = "classes", b: int = 64, v: int = 2, d: int = 32
+) -> Callable[[], None]:
+    """One forward + backward of loss ``name`` ('supcon', 'ntxent', 'sincere', 'tcl') on
+    backend='triton', 'all' mode, with class ids or ``labels='multi-hot'`` [B, 5] labels."""
     import flashcon
 
-    f = torch.nn.functional.normalize(torch.randn(b, v, d), dim=-1).requires_grad_()
-    lab = torch.randint(0, 10, (b,))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(1)
+    f = torch.nn.functional.normalize(torch.randn(b, v, d, generator=g), dim=-1)
+    f = f.to(dev).requires_grad_(True)
+    if labels == "multi-hot":
+        lab = (torch.rand(b, 5, generator=g) < 0.3).to(dev)
+    else:
+        lab = torch.randint(0, 10, (b,), generator=g).to(dev)
     call = {
         "supcon": lambda: flashcon.supcon_loss(f, lab, backend="triton"),
         "ntxent": lambda: flashcon.ntxent_loss(f, backend="triton"),
@@ -139,7 +149,7 @@ def main() -> int:
         print("no CUDA device: run with TRITON_INTERPRET=1 (the kernels then run on the CPU)")
         return 2
     for name in ("supcon", "ntxent", "sincere", "tcl"):
-        step = _loss_step(name)
+        step = loss_step(name)
         step()  # the first call compiles/imports; count the second
         ops, syncs = count_device_ops(step)
         print(f"{name}: {sum(ops.values())} device operations, {sum(syncs.values())} host syncs")
