@@ -15,6 +15,18 @@ if not torch.cuda.is_available():
 HAS_CUDA = torch.cuda.is_available()
 
 
+def pytest_configure(config):
+    # Under `make test` (FLASHCON_REQUIRE=cpu,triton) a backend that should be built but does
+    # not load ends the session here, before any grid is collected without it.
+    from flashcon.testing import REQUIRE_ENV, missing_required_backends
+
+    missing = missing_required_backends()
+    if missing:
+        raise pytest.UsageError(
+            f"{REQUIRE_ENV} names backends that cannot run here:\n  " + "\n  ".join(missing)
+        )
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -23,6 +24,60 @@ OPTIONS = {
     "tcl": [{}, {"k1": 0.0, "k2": 2.0}, {"k1": 10.0, "k2": 0.0}],
     "esupcon": [{}, {"prototype_anchors": False, "base_temperature": 0.2}],
 }
+
+
+# --------------------------------------------------------------------------------------------
+# Which backends a test run must have. `make test` sets FLASHCON_REQUIRE=cpu,triton: the C++
+# CPU extension and the Triton kernels (interpreted without a GPU) are built there, so a
+# backend that fails to load is a failure, not a reason to run fewer tests.
+# --------------------------------------------------------------------------------------------
+
+REQUIRE_ENV = "FLASHCON_REQUIRE"
+
+
+def required_backends() -> frozenset[str]:
+    """Backends named in FLASHCON_REQUIRE (comma-separated: cpu, triton, cuda)."""
+    names = os.environ.get(REQUIRE_ENV, "")
+    return frozenset(n.strip() for n in names.split(",") if n.strip())
+
+
+def backend_status(name: str) -> tuple[bool, str]:
+    """(available, why not) of an optional backend: 'cpu' and 'cuda' (the C++ extension's
+    CPU kernels, and its CUDA kernels being built) or 'triton' (the kernels import)."""
+    from .engine import cpp_available, triton_available
+
+    if name == "triton":
+        return triton_available()
+    if name in ("cpu", "cuda"):
+        return cpp_available(name)
+    raise ValueError(f"unknown optional backend {name!r}")
+
+
+def missing_required_backends() -> list[str]:
+    """One line per backend required by FLASHCON_REQUIRE that cannot run here."""
+    out = []
+    for name in sorted(required_backends()):
+        ok, why = backend_status(name)
+        if not ok:
+            out.append(f"{name}: {why}")
+    return out
+
+
+def available_backends(*names: str) -> list[str]:
+    """The optional backends among ``names`` that can run here, in order. A backend that
+    FLASHCON_REQUIRE names but that cannot run raises, so a parametrised grid never shrinks
+    silently (outside a required set a missing optional backend is left out)."""
+    out = []
+    required = required_backends()
+    for name in names:
+        ok, why = backend_status(name)
+        if ok:
+            out.append(name)
+        elif name in required:
+            raise RuntimeError(
+                f"backend {name!r} is required ({REQUIRE_ENV}) but unavailable: {why}"
+            )
+    return out
 
 
 def assert_close(
@@ -51,6 +106,50 @@ def assert_close(
             f"(atol={atol:g}, rtol={rtol:g}); worst at {idx}: got {a.flatten()[worst]:.10g}, "
             f"expected {e.flatten()[worst]:.10g} (|diff| = {err.flatten()[worst]:.3g}); "
             f"max |diff| = {err.max():.3g}"
+        )
+
+
+def assert_close_rel(actual: Tensor, expected: Tensor, rel: float, name: str = "value") -> None:
+    """assert_close with rtol = rel and atol = rel · (largest finite |expected|): an error
+    measured against the result's own scale (near-zero entries of a sum that cancels get the
+    absolute slack of its largest entry)."""
+    e = expected.detach()
+    finite = e[torch.isfinite(e)]
+    scale = finite.abs().max().item() if finite.numel() else 0.0
+    assert_close(actual, expected, atol=rel * scale, rtol=rel, name=name)
+
+
+# Unit roundoff (half an ulp at 1) of each dtype: a result rounded to that dtype is within
+# u·|x| of its exact value.
+UNIT_ROUNDOFF = {
+    torch.float64: 2.0**-53,
+    torch.float32: 2.0**-24,
+    torch.float16: 2.0**-11,
+    torch.bfloat16: 2.0**-8,
+}
+
+
+def assert_rounding_bound(
+    actual: Tensor, expected: Tensor, *, dtype: torch.dtype, ulps: float, name: str = "value"
+) -> None:
+    """max|actual − expected| ≤ ulps · u(dtype) · max|expected| (u: UNIT_ROUNDOFF): the error
+    counted in units of ``dtype``'s rounding at the result's scale. The failure message gives
+    the measured count, from which the test's ``ulps`` was set."""
+    a = actual.detach().to(torch.float64).cpu()
+    e = expected.detach().to(torch.float64).cpu()
+    if a.shape != e.shape:
+        raise AssertionError(f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}")
+    if not torch.isfinite(a).all():
+        raise AssertionError(f"{name}: non-finite values")
+    unit = UNIT_ROUNDOFF[dtype] * max(e.abs().max().item(), 1e-30) if e.numel() else 1.0
+    err = (a - e).abs()
+    if err.numel() and err.max().item() > ulps * unit:
+        worst = int(torch.argmax(err))
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), a.shape))
+        raise AssertionError(
+            f"{name}: max |diff| = {err.max():.3g} = {err.max() / unit:.3g} units of "
+            f"{dtype} rounding at max|expected| = {e.abs().max():.3g} (allowed {ulps:g}); "
+            f"worst at {idx}: got {a.flatten()[worst]:.10g}, expected {e.flatten()[worst]:.10g}"
         )
 
 
