@@ -6,14 +6,18 @@ import pytest
 import torch
 
 import flashcon
-from flashcon.engine import cpp_available, triton_available
-from flashcon.testing import LOSSES, assert_close, loss_fn, make_inputs, value_and_grads
+from flashcon.testing import (
+    LOSSES,
+    assert_close,
+    available_backends,
+    loss_fn,
+    make_inputs,
+    value_and_grads,
+)
 
 pytestmark = pytest.mark.gpu
 
-GPU_BACKENDS = [
-    b for b, ok in (("triton", triton_available()[0]), ("cuda", cpp_available("cuda")[0])) if ok
-]
+GPU_BACKENDS = available_backends("triton", "cuda")
 
 
 def _to(x, device, dtype=None):
@@ -39,6 +43,36 @@ def test_some_gpu_backend_is_available():
     assert GPU_BACKENDS, "neither the Triton nor the CUDA extension backend can run on this GPU"
 
 
+# fp32 against float64 with IEEE products (the fixture above; the Triton kernels' fp32 dots are
+# "ieee" unless torch's matmul precision asks for TF32). These tolerances cannot be measured
+# without a GPU; they come from the same arithmetic measured without one on this grid (every
+# loss, τ = 0.1): Triton's interpreter (N up to 390) and the C++ CPU kernels (all four shapes,
+# D = 1024 included) give a loss within 2.3e-7 relative and gradients within 1.4e-6 of their
+# largest entry.
+FP32_RTOL = 2e-6
+FP32_GRAD_RTOL = 1e-5
+
+
+def _fp32_floors(x: dict, temperature: float = 0.1, base_temperature: float = 0.07):
+    """(loss, gradient) floors: fp32 rounding at each one's natural scale, for results that
+    are exactly 0 in float64 (B = 1: the only column is the positive).
+
+    The loss is a mean of per-anchor terms of size up to max‖z‖²/min(τ, τ_b): 2 units of
+    eps_fp32 of that (3.4e-6 for unit features; measured here 4.2e-7 at B = 1, C++ CPU).
+    A feature's gradient is a mean over the N anchors of terms of size max|z|/min(τ, τ_b);
+    where they cancel exactly fp32 leaves a few units of eps_fp32 times that: 2.9e-6 for
+    GenSCL at N = 2 on the H200 (both backends, issue 15) and 2.86e-6 on the C++ CPU kernels
+    here. 16 units: 9.5e-6 at N = 2 (3.3x the measured error), falling as 1/N, so it hides
+    nothing at the larger shapes."""
+    z = x["features"]
+    n = z.shape[0] * (z.shape[1] if z.dim() == 3 else 1)
+    t = min(temperature, base_temperature)
+    eps = torch.finfo(torch.float32).eps
+    loss_floor = 2 * eps * z.pow(2).sum(-1).max().item() / t
+    grad_floor = 16 * eps * z.abs().max().item() / (t * n)
+    return loss_floor, grad_floor
+
+
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("b, v, d", [(1, 2, 7), (37, 2, 96), (130, 3, 130), (300, 2, 1024)])
@@ -47,15 +81,27 @@ def test_parity_fp32(backend, loss, b, v, d):
     ref_val, ref_g = value_and_grads(loss_fn(loss, None, temperature=0.1), x64)
     x = _to(x64, "cuda", torch.float32)
     val, g = value_and_grads(loss_fn(loss, backend, temperature=0.1), x)
-    # Triton's fp32 tile products may use TF32 (see triton_kernels): ~1e-3 relative on s.
-    tol = 2e-3 if backend == "triton" else 1e-4
-    assert_close(val.cpu(), ref_val, atol=tol, rtol=tol, name="loss")
+    loss_floor, floor = _fp32_floors(x64)
+    assert_close(val.cpu(), ref_val, atol=loss_floor, rtol=FP32_RTOL, name="loss")
     for key in ref_g:
-        # An fp32 floor: some gradients are exactly 0 in float64 (B = 1: the only column is
-        # the positive), where fp32 leaves ~1e-7.
-        scale = ref_g[key].abs().max().item()
-        atol = tol * scale + 1e-6
-        assert_close(g[key].cpu(), ref_g[key], atol=atol, rtol=10 * tol, name=f"d{key}")
+        atol = FP32_GRAD_RTOL * ref_g[key].abs().max().item() + floor
+        assert_close(g[key].cpu(), ref_g[key], atol=atol, rtol=0, name=f"d{key}")
+
+
+# STYLE.md's rule for 16-bit inputs: |flashcon − float64| <= 2·|dense in dtype − float64| plus a
+# floor of 1e-3 of the result's scale (the loss's value, the largest gradient entry). The
+# floor is not the active term: on the C++ CPU kernels at N = 4096 (bf16, the shapes of
+# test_triton_symmetric_path_at_n4096) the gradient error is 3.2e-3 of the scale against a
+# dense bf16 error of 2.6e-2, the loss's 4e-8 relative against 1e-4.
+LP_FLOOR = 1e-3
+
+
+def _within_twice_dense(name, got, gt, dense) -> None:
+    gt = gt.double().cpu()
+    err = (got.double().cpu() - gt).abs().max()
+    e_dense = (dense.double().cpu() - gt).abs().max()
+    floor = LP_FLOOR * gt.abs().max()
+    assert err <= 2 * e_dense + floor, f"{name}: |err| {err:.3g} > 2·{e_dense:.3g} + {floor:.3g}"
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -68,13 +114,9 @@ def test_low_precision_within_twice_torch_error(backend, dtype, loss):
     gt_val, gt_g = value_and_grads(loss_fn(loss, None, **opts), x64)
     dense_val, dense_g = value_and_grads(loss_fn(loss, None, **opts), _to(x, "cuda"))
     val, g = value_and_grads(loss_fn(loss, backend, **opts), _to(x, "cuda"))
-    atol = 1e-3
-    err = (val.double().cpu() - gt_val).abs()
-    assert err <= 2 * (dense_val.double().cpu() - gt_val).abs() + atol, (err, dense_val, gt_val)
+    _within_twice_dense("loss", val, gt_val, dense_val)
     for key in gt_g:
-        e = (g[key].double().cpu() - gt_g[key]).abs().max()
-        e_dense = (dense_g[key].double().cpu() - gt_g[key]).abs().max()
-        assert e <= 2 * e_dense + atol * gt_g[key].abs().max(), (key, e, e_dense)
+        _within_twice_dense(f"d{key}", g[key], gt_g[key], dense_g[key])
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -98,25 +140,34 @@ def test_deterministic_bitwise(backend, loss):
 @pytest.mark.skipif("triton" not in GPU_BACKENDS, reason="Triton is not available")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("loss", ["supcon", "sincere", "tcl"])
-def test_triton_symmetric_path_matches_general(loss, dtype):
-    """The tile-pair kernels (sym.py) against the general kernels at N = 4096 (NB = 64 or 128
-    blocks), loss and gradient."""
+def test_triton_symmetric_path_at_n4096(loss, dtype):
+    """The tile-pair kernels (sym.py) and the general kernels at N = 4096 (NB = 64 or 128
+    blocks), each against the float64 reference on the same rounded inputs: fp32 with the
+    parity tolerances above, bf16 within twice the dense bf16 error."""
     from flashcon import engine
 
     x = _to(make_inputs(loss, 2048, 2, 128, dtype=dtype, seed=7), "cuda")
-    out = {}
+    x64 = {k: (t.double() if t.is_floating_point() else t) for k, t in x.items()}
+    opts = {"temperature": 0.1}
+    ref_val, ref_g = value_and_grads(loss_fn(loss, None, **opts), x64)
+    if dtype == torch.bfloat16:
+        dense_val, dense_g = value_and_grads(loss_fn(loss, None, **opts), x)
+    loss_floor, floor = _fp32_floors(x64)
     try:
         for sym in (True, False):
             engine.set_symmetric(sym)
-            out[sym] = value_and_grads(loss_fn(loss, "triton", temperature=0.1), x)
+            val, g = value_and_grads(loss_fn(loss, "triton", **opts), x)
+            if dtype == torch.bfloat16:
+                _within_twice_dense(f"loss sym={sym}", val, ref_val, dense_val)
+                for key in ref_g:
+                    _within_twice_dense(f"d{key} sym={sym}", g[key], ref_g[key], dense_g[key])
+                continue
+            assert_close(val, ref_val, atol=loss_floor, rtol=FP32_RTOL, name=f"loss sym={sym}")
+            for key in ref_g:
+                atol = FP32_GRAD_RTOL * ref_g[key].abs().max().item() + floor
+                assert_close(g[key], ref_g[key], atol=atol, rtol=0, name=f"d{key} sym={sym}")
     finally:
         engine.set_symmetric(True)
-    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
-    assert_close(out[True][0].float(), out[False][0].float(), atol=tol, rtol=tol, name="loss")
-    for key in out[False][1]:
-        want = out[False][1][key].float()
-        atol = tol * want.abs().max().item()
-        assert_close(out[True][1][key].float(), want, atol=atol, rtol=10 * tol, name=key)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
