@@ -14,10 +14,9 @@ import shutil
 import subprocess
 
 import pytest
-import torch
 
 import flashcon
-from flashcon.engine import cpp_available
+from flashcon.testing import available_backends
 
 
 def _extension() -> str | None:
@@ -45,9 +44,10 @@ def _cuobjdump() -> str | None:
 
 def _resource_table() -> dict[str, list[dict]]:
     so = _extension()
-    if so is None or not cpp_available("cpu")[0]:
+    # available_backends raises where FLASHCON_REQUIRE names the backend (make test: cpu).
+    if not available_backends("cpu") or so is None:
         pytest.skip("flashcon._C is not built")
-    if not torch.ops.flashcon.has_cuda():
+    if not available_backends("cuda"):
         pytest.skip("flashcon._C was built CPU-only (no CUDA kernels to inspect)")
     tool = _cuobjdump()
     if tool is None:
@@ -95,7 +95,14 @@ def test_no_spills():
 
 
 def test_print_resource_usage(capsys):
+    """Prints the table, and checks every row parsed: registers within the 255 a thread may
+    address, shared memory within an sm_80 block's 163 KiB."""
     table = _resource_table()
+    for arch, kernels in table.items():
+        for k in kernels:
+            assert {"REG", "STACK", "SHARED", "LOCAL"} <= set(k), f"{arch} {k}: unparsed fields"
+            assert 0 < k["REG"] <= 255, f"{arch} {k['name']}: REG {k['REG']}"
+            assert k["SHARED"] <= 163 * 1024, f"{arch} {k['name']}: SHARED {k['SHARED']}"
     with capsys.disabled():
         print()
         for arch, kernels in sorted(table.items()):

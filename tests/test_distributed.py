@@ -6,17 +6,17 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from flashcon.engine import cpp_available
 from flashcon.testing import (
     DIST_CASES,
     _dist_worker,
     assert_close,
+    available_backends,
     dist_inputs,
     dist_loss,
     value_and_grads,
 )
 
-BACKENDS = ["torch"] + (["cpu"] if cpp_available("cpu")[0] else [])
+BACKENDS = ["torch", *available_backends("cpu")]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

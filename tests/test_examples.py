@@ -8,14 +8,14 @@ import pathlib
 
 import pytest
 
-from flashcon.engine import cpp_available
+from flashcon.testing import available_backends
 
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "examples" / "train_digits.py"
 _spec = importlib.util.spec_from_file_location("train_digits", _PATH)
 train_digits = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(train_digits)
 
-FUSED = ["torch"] + (["cpu"] if cpp_available("cpu")[0] else [])
+FUSED = ["torch", *available_backends("cpu")]
 
 
 @pytest.fixture(scope="module")

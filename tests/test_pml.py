@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from flashcon import pml
-from flashcon.engine import cpp_available
-from flashcon.testing import assert_close
+from flashcon.testing import assert_close, available_backends
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
-BACKENDS = ["torch"] + (["cpu"] if cpp_available("cpu")[0] else [])
+BACKENDS = ["torch", *available_backends("cpu")]
 
 
 def _both(backend, t, emb, labels, ref=None, ref_labels=None):

@@ -8,16 +8,19 @@ import torch
 import flashcon
 from flashcon import MemoryQueue
 from flashcon import reference as R
-from flashcon.engine import cpp_available, triton_available
-from flashcon.testing import assert_close, value_and_grads
+from flashcon.testing import assert_close, available_backends, value_and_grads
 
-BACKENDS = ["torch"]
-if cpp_available("cpu")[0]:
-    BACKENDS.append("cpu")
-if triton_available()[0]:
-    BACKENDS.append("triton")  # through Triton's interpreter on this machine
+# Triton runs through its interpreter without a GPU.
+BACKENDS = ["torch", *available_backends("cpu", "triton")]
 
-TOL = {torch.float64: (1e-10, 1e-9), torch.float32: (3e-5, 3e-4)}
+# (atol, rtol) of the loss and of the gradients against the float64 reference. Measured on this
+# file's grid (torch, cpu, Triton interpreter): fp32 loss |err| <= 2.9e-6 (relative 2.5e-7;
+# 4.8e-7 where the loss is near 0), gradients |err| <= 2.0e-6; float64 loss 2.3e-11, gradients
+# 1.8e-10 (relative 6.8e-9, multi-hot labels).
+TOL = {
+    torch.float64: ((1e-10, 1e-9), (1e-10, 1e-8)),
+    torch.float32: ((5e-6, 2e-6), (1e-5, 1e-5)),
+}
 
 
 def _feats(b, v, d, dtype, seed=0):
@@ -34,10 +37,10 @@ def _dtypes(backend):
 def _check(fn_ours, fn_ref, inputs, dtype):
     ref_val, ref_g = value_and_grads(fn_ref, {k: _f64(x) for k, x in inputs.items()})
     val, g = value_and_grads(fn_ours, inputs)
-    atol, rtol = TOL[dtype]
+    (atol, rtol), (g_atol, g_rtol) = TOL[dtype]
     assert_close(val, ref_val, atol=atol, rtol=rtol, name="loss")
     for key in ref_g:
-        assert_close(g[key], ref_g[key], atol=atol, rtol=rtol * 10, name=f"d{key}")
+        assert_close(g[key], ref_g[key], atol=g_atol, rtol=g_rtol, name=f"d{key}")
 
 
 def _f64(x):
@@ -151,3 +154,6 @@ def test_mask_rejects_queue_and_gather():
     q.push(f, torch.arange(4))
     with pytest.raises(ValueError, match="queue"):
         flashcon.supcon_loss(f, None, torch.ones(4, 4), queue=q, backend="torch")
+    # Rejected before any process group is needed (none exists here).
+    with pytest.raises(ValueError, match="gather_distributed"):
+        flashcon.supcon_loss(f, None, torch.ones(4, 4), gather_distributed=True, backend="torch")

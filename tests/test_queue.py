@@ -7,10 +7,16 @@ import torch
 
 import flashcon
 from flashcon import MemoryQueue
-from flashcon.engine import cpp_available
-from flashcon.testing import LOSSES, assert_close, loss_fn, make_inputs, value_and_grads
+from flashcon.testing import (
+    LOSSES,
+    assert_close,
+    available_backends,
+    loss_fn,
+    make_inputs,
+    value_and_grads,
+)
 
-BACKENDS = ["torch"] + (["cpu"] if cpp_available("cpu")[0] else [])
+BACKENDS = ["torch", *available_backends("cpu")]
 
 
 def test_ring_buffer_keeps_the_newest_rows():

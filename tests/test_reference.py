@@ -127,16 +127,34 @@ def test_gradcheck(loss):
     assert torch.autograd.gradcheck(f, tuple(leaves[k] for k in wrt))
 
 
+# Degenerate batches whose value is known exactly (one class throughout, default τ = τ_b): one
+# sample with one view has no column at all (0); two views of one sample leave the other view
+# as the only column and the only positive (ℓ − log e^ℓ = 0), except TCL (its k1 term) and
+# ESupCon (the prototypes are columns); four samples of one class make every column a positive,
+# so L_in = −log((1/3)·Σ_p e^ℓ / Σ_a e^ℓ) = log 3 whatever the features, and SINCERE has no
+# negative (0).
+_DEGENERATE = {
+    (1, 0): {loss: 0.0 for loss in LOSSES},
+    (1, 2): {"supcon": 0.0, "supcon_in": 0.0, "supcon_one": 0.0, "ntxent": 0.0, "sincere": 0.0,
+             "genscl": 0.0},
+    (4, 0): {"supcon_in": math.log(3), "sincere": 0.0},
+}  # fmt: skip
+
+
 @pytest.mark.parametrize("loss", LOSSES)
-def test_no_nan_on_degenerate_batches(loss):
-    # One sample, one view: no positives and no negatives anywhere.
-    for b, v in ((1, 0), (1, 2), (4, 0)):
+def test_degenerate_batches(loss):
+    """Exact values (and a zero gradient, the value being constant) where they are known;
+    finite values and gradients in the other degenerate batches."""
+    for (b, v), exact in _DEGENERATE.items():
         if loss == "ntxent" and v == 0:
             continue
         x = make_inputs(loss, b, v, 3, n_classes=1)
         out, grads = _vg(loss, x)
-        assert torch.isfinite(out)
-        assert all(torch.isfinite(g).all() for g in grads)
+        assert torch.isfinite(out) and all(torch.isfinite(g).all() for g in grads), (b, v)
+        if loss in exact:
+            assert out.item() == pytest.approx(exact[loss], abs=1e-12), (b, v, out.item())
+            for g in grads:
+                assert g.abs().max().item() <= 1e-12, (b, v, g)
 
 
 def _vg(loss, x):

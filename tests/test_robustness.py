@@ -10,11 +10,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flashcon
-from flashcon.engine import cpp_available, triton_available
-from flashcon.testing import LOSSES, assert_close, loss_fn, make_inputs, value_and_grads
+from flashcon.testing import (
+    LOSSES,
+    assert_close,
+    assert_rounding_bound,
+    available_backends,
+    loss_fn,
+    make_inputs,
+    value_and_grads,
+)
 
-BACKENDS = ["torch"] + (["cpu"] if cpp_available("cpu")[0] else [])
-ALL_BACKENDS = BACKENDS + (["triton"] if triton_available()[0] else [])
+BACKENDS = ["torch", *available_backends("cpu")]
+ALL_BACKENDS = BACKENDS + available_backends("triton")
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -40,6 +47,8 @@ def test_non_contiguous_inputs_just_work(backend, layout):
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_features_give_nan(backend, loss, bad):
+    """The API's guarantee (functional's finiteness check makes the loss NaN whatever the
+    kernels return; test_ops_propagate_nan checks the kernels themselves)."""
     x = make_inputs(loss, 5, 2, 4, dtype=torch.float32)
     x["features"][2, 1, 3] = bad
     out = loss_fn(loss, backend)(**x)
@@ -51,6 +60,44 @@ def test_non_finite_prototypes_give_nan(backend):
     x = make_inputs("esupcon", 5, 2, 4, dtype=torch.float32)
     x["prototypes"][1, 0] = float("nan")
     assert torch.isnan(loss_fn("esupcon", backend)(**x))
+
+
+# Measured on the interpreter and the C++ CPU kernels: a NaN key makes lse −inf ("no term")
+# in every row, those it does not reach included; torch_stream gives NaN where it is a term.
+_DROPS_NAN = pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="the kernel's lse turns a NaN logit into −inf (no term), not NaN",
+)
+
+
+@pytest.mark.parametrize(
+    "backend", [pytest.param(b, marks=_DROPS_NAN if b != "torch" else ()) for b in ALL_BACKENDS]
+)
+@pytest.mark.parametrize("weights", [(1.0, 0.0, 0.0), (1.0, 1.0, 0.0), (0.0, 1.0, 2.0)])
+def test_ops_propagate_nan(backend, weights):
+    """At the op level (no API check in between): a NaN in key row 2 makes lse NaN in every
+    row where that key is a term (positives of class 0 for w_pos; every row for w_neg, k1),
+    never −inf (the contract's 'no term') nor a finite number; sp is NaN where it is a
+    positive, and never another finite number elsewhere."""
+    from flashcon.engine import get_engine
+
+    eng = get_engine(backend)
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(6, 4, generator=g), dim=1)
+    k = torch.nn.functional.normalize(torch.randn(7, 4, generator=g), dim=1)
+    ql, kl = torch.arange(6) % 2, torch.arange(7) % 2
+    bad = k.clone()
+    bad[2, 1] = float("nan")
+    reached = (ql == 0) if weights[1] == 0 else torch.ones(6, dtype=torch.bool)
+    lse = eng.lse(q, bad, ql, kl, -1, 10.0, *weights, False, None)[0]
+    assert torch.isnan(lse[reached]).all(), lse
+    eta = torch.zeros(6)
+    sp = eng.sp(q, bad, ql, kl, eta, -1, 10.0, False, None)[0]
+    clean = eng.sp(q, k, ql, kl, eta, -1, 10.0, False, None)[0]
+    assert torch.isnan(sp[ql == 0]).all(), sp
+    # Elsewhere unchanged, or NaN (torch_stream's masked sums spread it: 0·NaN).
+    assert (torch.isnan(sp) | (sp == clean))[ql == 1].all(), (sp, clean)
 
 
 def _rounded_ref(loss, x, opts):
@@ -65,6 +112,15 @@ NUMERIC_CASES = [
 ]
 
 
+# Units of rounding (assert_rounding_bound), measured over this grid (all backends): loss in
+# fp32 units 14.6 from bf16 inputs (norm 100), 1.7 from fp16; ESupCon's loss 3760 and 299 (its
+# prototypes are normalised in the input dtype, τ = 0.01); gradients 3.4 bf16 units, 2.4 fp16.
+EXTREME_ULPS = {
+    torch.bfloat16: {"loss": 64, "esupcon": 16384, "grad": 16},
+    torch.float16: {"loss": 16, "esupcon": 2048, "grad": 16},
+}
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("case, opts, norm", NUMERIC_CASES, ids=[c[0] for c in NUMERIC_CASES])
@@ -77,13 +133,14 @@ def test_low_precision_extremes(backend, dtype, case, opts, norm, loss):
     ref_val, ref_g = _rounded_ref(loss, x, opts)
     val, g = value_and_grads(loss_fn(loss, backend, **opts), x)
     assert torch.isfinite(val)
-    assert_close(val, ref_val, atol=1e-3, rtol=2e-3, name="loss")
+    # fp32 arithmetic on the rounded inputs: the loss within a few fp32 units of the float64
+    # value, each gradient within its rounding to ``dtype`` plus fp32 noise.
+    ulps = EXTREME_ULPS[dtype]
+    loss_ulps = ulps["esupcon" if loss == "esupcon" else "loss"]
+    assert_rounding_bound(val, ref_val, dtype=torch.float32, ulps=loss_ulps, name="loss")
     for key in ref_g:
         assert torch.isfinite(g[key]).all()
-        scale = ref_g[key].abs().max().item() + 1e-30
-        # Gradients come back in the input dtype: allow a few units of its rounding.
-        step = {torch.float16: 2**-10, torch.bfloat16: 2**-7}[dtype]
-        assert_close(g[key], ref_g[key], atol=8 * step * scale, rtol=4 * step, name=f"d{key}")
+        assert_rounding_bound(g[key], ref_g[key], dtype=dtype, ulps=ulps["grad"], name=key)
 
 
 EDGE = {
@@ -102,6 +159,10 @@ EDGE_CASES = [
 ]
 
 
+# atol = rtol; measured: float64 loss 1.9e-15, gradients 2.7e-15; fp32 (Triton) 1.0e-6, 1.4e-6.
+EDGE_TOL = {torch.float64: 2e-14, torch.float32: 1e-5}
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("edge, loss", EDGE_CASES)
 def test_edge_batches(backend, edge, loss):
@@ -118,10 +179,16 @@ def test_edge_batches(backend, edge, loss):
     ref_val, ref_g = _rounded_ref(loss, x, {})
     val, g = value_and_grads(loss_fn(loss, backend), x)
     assert torch.isfinite(val)
-    tol = 1e-9 if dtype == torch.float64 else 1e-5
+    tol = EDGE_TOL[dtype]
     assert_close(val, ref_val, atol=tol, rtol=tol)
     for key in ref_g:
-        assert_close(g[key], ref_g[key], atol=tol, rtol=tol * 10, name=f"d{key}")
+        assert_close(g[key], ref_g[key], atol=tol, rtol=tol, name=f"d{key}")
+
+
+# float64, atol = rtol. Measured over 500 draws of these parameters: loss 1.5e-14, gradients
+# 1.6e-13 (TCL, unnormalised features). Logits reach ‖z‖²/τ ≈ 600 (d = 9, τ = 0.05), where
+# eps_fp64 is 1.3e-13: 1e-12 is 8 units of that.
+PROPERTY_TOL = 1e-12
 
 
 @settings(
@@ -149,9 +216,9 @@ def test_property_backends_agree_with_reference(
     opts = {"temperature": temperature}
     ref_val, ref_g = value_and_grads(loss_fn(loss, None, **opts), x)
     val, g = value_and_grads(loss_fn(loss, backend, **opts), x)
-    assert_close(val, ref_val, atol=1e-9, rtol=1e-9, name="loss")
+    assert_close(val, ref_val, atol=PROPERTY_TOL, rtol=PROPERTY_TOL, name="loss")
     for key in ref_g:
-        assert_close(g[key], ref_g[key], atol=1e-9, rtol=1e-8, name=f"d{key}")
+        assert_close(g[key], ref_g[key], atol=PROPERTY_TOL, rtol=PROPERTY_TOL, name=f"d{key}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
