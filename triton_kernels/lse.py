@@ -278,8 +278,9 @@ def _lse_fwd_kernel(
         pcnt += tl.sum(mw, axis=1)
 
     # l_i = 0 exactly when m_i = −inf (no term): lse = −inf, as the contract says (log is
-    # taken of 1 there so that no log 0 is evaluated).
-    has = l_i > 0
+    # taken of 1 there so that no log 0 is evaluated). A NaN term leaves l_i NaN: "!= 0"
+    # keeps it (NaN in, NaN out), where "> 0" would have called it "no term".
+    has = l_i != 0
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
     tl.store(lse_ptr + offs_m, lse, mask=row_ok)
     tl.store(psum_ptr + offs_m, psum, mask=row_ok)

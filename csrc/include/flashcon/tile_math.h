@@ -136,9 +136,11 @@ FLASHCON_HD void lse_merge(T& m, T& sum, T m2, T sum2) {
   m = mn;
 }
 
+// -inf only for a row with no term (sum exactly 0); a NaN term's NaN sum stays NaN (the
+// contract: NaN in, NaN out, never "no term").
 template <typename T>
 FLASHCON_HD T lse_finish(T m, T sum) {
-  return (m == neg_inf<T>() || !(sum > T(0))) ? neg_inf<T>() : m + flog(sum);
+  return (m == neg_inf<T>() || sum == T(0)) ? neg_inf<T>() : m + flog(sum);
 }
 
 // The shift the backward uses for e^{t - lse}: a row with no term (lse = -inf) has only -inf
