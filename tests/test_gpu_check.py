@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -356,25 +357,27 @@ def test_out_folder_of_another_kind_is_left_alone(tmp_path):
     assert earlier.is_dir() and not any(earlier.iterdir())
 
 
-def test_make_target_uses_the_system_python(tmp_path):
-    proc = subprocess.run(
-        ["make", "-n", "gpu-check", f"GPU_CHECK_OUT={tmp_path}/x"],
+def _make_dry_run(*args: str) -> subprocess.CompletedProcess:
+    # Under `make test` this runs inside make: without MAKEFLAGS/MAKELEVEL and with
+    # --no-print-directory the nested make prints only the recipe.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    return subprocess.run(
+        ["make", "--no-print-directory", "-n", "gpu-check", *args],
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_make_target_uses_the_system_python(tmp_path):
+    proc = _make_dry_run(f"GPU_CHECK_OUT={tmp_path}/x")
     assert proc.returncode == 0, proc.stderr
     cmd = proc.stdout.strip().splitlines()[-1]
     assert cmd.startswith("python3 bench/gpu_check.py") and f"{tmp_path}/x" in cmd
     assert ".venv" not in proc.stdout
-    custom = subprocess.run(
-        ["make", "-n", "gpu-check", "GPU_PY=/opt/py/bin/python3"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    custom = _make_dry_run("GPU_PY=/opt/py/bin/python3")
     assert custom.stdout.strip().splitlines()[-1].startswith("/opt/py/bin/python3 bench/")
 
 
