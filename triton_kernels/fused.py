@@ -205,7 +205,7 @@ def _finish_kernel(
     out_ptr,
     zero_ptr,
     N,
-    inv_t,
+    scale,
     weight,
     LOSS: tl.constexpr,
     STAGE: tl.constexpr,
@@ -215,7 +215,7 @@ def _finish_kernel(
     """LOSS_OUT, or LOSS_SINCERE stage 0: the LSE pass's statistics (from the symmetric sums
     or the general kernel's outputs) into ``stats``; OUT also reduces the loss. SINCERE stage
     1: reduces sp_i / max(C_i, 1) from the softplus sums and saves r."""
-    inv_t = tl.cast(inv_t, tl.float32)
+    scale = tl.cast(scale, tl.float32)
     # The mean's 1/N is taken here: the op's float arguments do not depend on the batch size
     # (torch.compile would specialise on them and recompile for every new N).
     factor = tl.cast(weight, tl.float32) / N
@@ -261,7 +261,7 @@ def _finish_kernel(
         if LOSS == 0:
             has = pcnt > 0
             c = tl.where(has, pcnt, 1.0)
-            row = tl.where(fin, lse, 0.0) - psum * inv_t / c
+            row = tl.where(fin, lse, 0.0) - scale * psum / c
             total += tl.where(ok & has, row, 0.0)
             # |ρ_i|/|g·factor·scale| and |κ_i|/|g·factor| of a row with a gradient.
             live = ok & has & fin
@@ -299,7 +299,6 @@ def _bwd_prep_kernel(
     stride_vec,
     stride_dz,
     scale,
-    inv_t,
     weight,
     BIG,
     LOSS: tl.constexpr,
@@ -312,7 +311,6 @@ def _bwd_prep_kernel(
     backward gate: the forward's, and |ρ_i|, |κ_i| within ``BIG`` (a quarter of fp32's range:
     the symmetric backward adds two such constants, times factors <= 1)."""
     scale = tl.cast(scale, tl.float32)
-    inv_t = tl.cast(inv_t, tl.float32)
     factor = tl.cast(weight, tl.float32) / N  # as in _finish_kernel
     BIG = tl.cast(BIG, tl.float32)
     pid = tl.program_id(0)
@@ -329,7 +327,7 @@ def _bwd_prep_kernel(
     if LOSS == 0:
         has = pcnt > 0
         g_lse = tl.where(has & fin, gf, 0.0)
-        g_psum = tl.where(has, -gf * inv_t / tl.where(has, pcnt, 1.0), 0.0)
+        g_psum = tl.where(has, -gf * scale / tl.where(has, pcnt, 1.0), 0.0)
         g_sp = tl.zeros([BLOCK_R], dtype=tl.float32)
         bound1 = tl.abs(gf) * scale * tl.load(plan_ptr + 10)
         bound2 = tl.abs(gf) * tl.load(plan_ptr + 11)

@@ -877,11 +877,10 @@ def fused_fwd(
     )  # fmt: skip
     rows = (triton.cdiv(n, _ROWS),)
     fin = {"HAS_K1": k1 > 0, "BLOCK_R": _ROWS}
-    inv_t = float(scale)
     if code == F.LOSS_OUT:
         _small(
             "_finish_kernel", rows,
-            (sums, lse_g, psum_g, pcnt_g, plan, gates, stats, out, _unused(dev), n, inv_t,
+            (sums, lse_g, psum_g, pcnt_g, plan, gates, stats, out, _unused(dev), n, float(scale),
              float(weight)),
             LOSS=F.LOSS_OUT, STAGE=0, **fin,
         )  # fmt: skip
@@ -890,7 +889,7 @@ def fused_fwd(
     sp_sums = torch.empty((2, n), dtype=torch.float32, device=dev)
     _small(
         "_finish_kernel", rows,
-        (sums, lse_g, psum_g, pcnt_g, plan, gates, stats, _unused(dev), sp_sums, n, inv_t,
+        (sums, lse_g, psum_g, pcnt_g, plan, gates, stats, _unused(dev), sp_sums, n, float(scale),
          float(weight)),
         LOSS=F.LOSS_SINCERE, STAGE=0, **fin,
     )  # fmt: skip
@@ -903,7 +902,7 @@ def fused_fwd(
     _small(
         "_finish_kernel", rows,
         (sp_sums, _unused(dev), _unused(dev), _unused(dev), plan, gates, stats, out,
-         _unused(dev), n, inv_t, float(weight)),
+         _unused(dev), n, float(scale), float(weight)),
         LOSS=F.LOSS_SINCERE, STAGE=1, **fin,
     )  # fmt: skip
     return out, stats, plan, gates, lab
@@ -940,7 +939,7 @@ def fused_bwd(
     _small(
         "_bwd_prep_kernel", (rows,),
         (g.to(torch.float32).reshape(1), stats, plan, gates, vec, bgates, dz, n, d,
-         vec.stride(0), dz.stride(0), float(scale), float(scale), float(weight),
+         vec.stride(0), dz.stride(0), float(scale), float(weight),
          torch.finfo(torch.float32).max / 4),
         LOSS=code, HAS_K1=k1 > 0, BLOCK_R=_ROWS, BLOCK_D=_COLS,
     )  # fmt: skip

@@ -84,7 +84,7 @@ class _Fused:
         self.value = value
 
 
-def _fusable(eng: Engine, z: Tensor, *, mode: str, queue, gather: bool) -> bool:
+def _fusable(eng: Engine, *, mode: str, queue, gather: bool) -> bool:
     """Whether this call takes ``eng.fused``: 'all' mode on the symmetric path (which the
     fused op is), without a queue or gathering, and not under deterministic algorithms (its
     kernels add with atomics; the general kernels are the deterministic path)."""
@@ -356,7 +356,7 @@ def supcon_loss(
         )
     y, ml = V.check_label_input(labels, b, z, pack=False)
     if variant == "out" and _fusable(
-        eng, z, mode=contrast_mode, queue=queue, gather=gather_distributed
+        eng, mode=contrast_mode, queue=queue, gather=gather_distributed
     ):
         return _fused(eng, "supcon_out", "out", z, y, v, t, ml, t / tb)  # type: ignore[return-value]
     if ml:
@@ -483,7 +483,7 @@ def sincere_loss(
     if eng is None:
         return R.sincere_loss(features, labels, temperature=t, queue=queue)
     y, ml = V.check_label_input(labels, b, z, required=True, pack=False)
-    if _fusable(eng, z, mode="all", queue=queue, gather=gather_distributed):
+    if _fusable(eng, mode="all", queue=queue, gather=gather_distributed):
         return _fused(eng, "sincere", "sincere", z, y, v, t, ml, 1.0)  # type: ignore[return-value]
     y = (V.pack_multihot(y) if ml else y).repeat(v)
     c = _contrast(z, y, gather=gather_distributed, group=group, queue=queue, multilabel=ml)
@@ -597,7 +597,7 @@ def tcl_loss(
         return R.tcl_loss(features, labels, temperature=t, k1=k1, k2=k2, queue=queue)
     y, ml = V.check_label_input(labels, b, z, required=True, pack=False)
     opts = {"k1": k1, "k2": k2}
-    if _fusable(eng, z, mode="all", queue=queue, gather=gather_distributed):
+    if _fusable(eng, mode="all", queue=queue, gather=gather_distributed):
         return _fused(eng, "tcl", "out", z, y, v, t, ml, 1.0, opts)  # type: ignore[return-value]
     y = (V.pack_multihot(y) if ml else y).repeat(v)
     c = _contrast(z, y, gather=gather_distributed, group=group, queue=queue, multilabel=ml)

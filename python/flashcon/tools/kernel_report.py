@@ -223,7 +223,7 @@ def _small_signature(fn, spec: Spec, ptr: str, const: dict) -> tuple[dict, dict,
     if "BLOCK_P" in fn.arg_names:
         const.pop("BLOCK_R")
         const["BLOCK_P"] = launch._PLAN_BLOCK
-    floats = ("scale", "c_pos", "c_neg", "log_cmax", "log_spread", "log_k1", "inv_t", "weight")
+    floats = ("scale", "c_pos", "c_neg", "log_cmax", "log_spread", "log_k1", "weight")
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in const:
