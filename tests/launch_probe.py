@@ -10,7 +10,10 @@ The property checked is the one torch.compile relies on when it functionalises a
 argument the analysis reports written, runs the kernel on the clones and copies every clone
 back. So (a) every buffer a launcher reads back must be reported written (else the kernel's
 results are dropped), and (b) no argument reported written may share storage with another
-argument (else one clone's copy-back overwrites the other's: the loss was 0 on a GPU).
+argument (else one clone's copy-back overwrites the other's: the loss was 0 on a GPU), and
+(c) no input is reported written (a copy per call for nothing, and (b) waiting to happen: the
+analysis traces a stored address back through a called ``@triton.jit`` function's result to
+every argument of that call, so an address built from a helper's result marks its inputs).
 """
 
 from __future__ import annotations
@@ -193,6 +196,8 @@ def analyse() -> dict:
                 problems.append(f"{name} {const}: output {out} not reported written {written}")
         tensors = {k: v for k, v in params.items() if isinstance(v, torch.Tensor)}
         for w in written:
+            if w not in outputs(name, const):
+                problems.append(f"{name} {const}: input {w} reported written")
             ptr = tensors[w].untyped_storage().data_ptr()
             for other, t in tensors.items():
                 if other != w and t.untyped_storage().data_ptr() == ptr:

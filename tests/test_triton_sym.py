@@ -111,6 +111,64 @@ def test_sym_lse_matches_contract_and_general(shape, weights, mode, tiles):
     _check_lse(z, lab, 10.0, weights, ml, pw, g, config=cfg)
 
 
+# Partner runs of the schedule (sym.py): chunk = min(SYM_CHUNK, pairs // SYM_PROGRAMS), so the
+# table's SYM_PROGRAMS gives one partner per program at these sizes; these settings give runs
+# of 2 (some ending at the duplicate distance NB/2 of an even NB) and whole rows of partners.
+# "resident" adds 16-row fp32 resident tiles (sym_tiles' "res" entries, D <= 128), whose
+# parity with the contract is then checked at fp32's tolerances.
+_RES16 = launch.TileConfig(16, 16, 128, 128, 4, 1)
+SCHEDULES = {"runs2": (2, None), "resident-runs2": (2, _RES16), "resident-runs16": (16, _RES16)}
+# (shape, positives, weights): 16-row blocks give NB = 7 and 9 (odd); D = 130 is above the
+# resident limit (streamed, 32-row table tiles: NB = 4, even).
+_RUN_CASES = [
+    ((100, 16), "labels", WEIGHTS[0]),
+    ((130, 33), "multilabel", WEIGHTS[3]),
+    ((100, 130), "pos_weight", WEIGHTS[0]),
+]
+
+
+@pytest.fixture
+def schedule(request, monkeypatch):
+    chunk, res = SCHEDULES[request.param]
+    monkeypatch.setattr(launch, "SYM_CHUNK", chunk)
+    monkeypatch.setattr(launch, "SYM_PROGRAMS", 1)
+    arch = launch.arch_of(torch.device(DEVICE))
+    if res is not None:
+        for kind in ("sym_fwd", "sym_bwd"):
+            tiles = res if kind == "sym_bwd" else launch.dataclasses.replace(res, block_do=0)
+            monkeypatch.setitem(launch.CONFIGS, (arch, kind, 32, "res"), tiles)
+    # The tiles of every symmetric launch, to check which variant ran.
+    seen = []
+    real = launch._launch_sym
+
+    def spy(name, n, cfg, fl, args):
+        seen.append((name, n, cfg, fl["RESIDENT"]))
+        return real(name, n, cfg, fl, args)
+
+    monkeypatch.setattr(launch, "_launch_sym", spy)
+    return res, seen
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES), indirect=True)
+@pytest.mark.parametrize(
+    "shape, mode, weights", _RUN_CASES, ids=["N100D16", "N130D33-multilabel-tcl", "N100D130-mask"]
+)
+def test_sym_partner_runs(shape, mode, weights, schedule):
+    """Programs that take runs of partner blocks (block I's share kept in registers), streamed
+    and resident, against the contract and the general kernels."""
+    res, seen = schedule
+    resident = res is not None and shape[1] <= 128
+    # The streamed variant with 16-row tiles where no resident tiles are set (D <= 128).
+    cfg = launch.TileConfig(16, 16, 16, 16, 4, 1) if res is None and shape[1] <= 128 else None
+    z, lab, ml, pw, g = _inputs(*shape, torch.float32, mode)
+    _check_lse(z, lab, 10.0, weights, ml, pw, g, config=cfg)
+    assert {s[0] for s in seen} == {"_sym_fwd_kernel", "_sym_bwd_kernel"}
+    for _, n, tiles, res_ran in seen:
+        nb = -(-n // tiles.block_m)
+        assert nb >= 4 and launch.sym_chunk(nb) > 1  # runs of more than one partner ran
+        assert res_ran == resident
+
+
 @pytest.mark.parametrize("case", ["static-near-limit", "tiny-temperature", "large-norms"])
 @pytest.mark.parametrize("mode", POS_MODES)
 @pytest.mark.parametrize("weights", WEIGHTS, ids=["all", "pos", "neg", "tcl"])

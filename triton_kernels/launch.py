@@ -98,7 +98,18 @@ CONFIGS: dict[tuple[int, str, int, str], TileConfig] = {
     (90, "sym_bwd", 16, "any"): TileConfig(64, 64, 64, 64, 8, 2),
     (80, "sym_bwd", 32, "any"): TileConfig(32, 32, 32, 32, 4, 1),
     (90, "sym_bwd", 32, "any"): TileConfig(32, 32, 32, 32, 4, 1),
+    # Resident variants (RESIDENT, D <= block_d): a program keeps its row block Z_I (and in
+    # the backward its dZ_I) for its run of partner blocks, and loads each Z_J once. block_d
+    # is the largest D they take; the launcher narrows it to 64 for D <= 64 (sym_tiles).
+    (80, "sym_fwd", 16, "res"): TileConfig(64, 64, 128, 0, 8, 2),
+    (90, "sym_fwd", 16, "res"): TileConfig(64, 64, 128, 0, 8, 2),
+    (80, "sym_bwd", 16, "res"): TileConfig(64, 64, 128, 128, 8, 2),
+    (90, "sym_bwd", 16, "res"): TileConfig(64, 64, 128, 128, 8, 2),
 }
+# Partner blocks per symmetric program: at most SYM_CHUNK, fewer while the grid would have
+# under SYM_PROGRAMS programs (so a small N still fills every SM).
+SYM_CHUNK = 16
+SYM_PROGRAMS = 1024
 
 ARCHS = (80, 90)
 MAXNREG = 255  # registers per thread the eager launches allow ptxas (see _launch)
@@ -580,6 +591,13 @@ def _deterministic() -> bool:
     return torch.are_deterministic_algorithms_enabled()
 
 
+def sym_chunk(nb):
+    """Partner blocks per program of a symmetric launch over ``nb`` row blocks (an int, or a
+    SymInt under torch.compile: no guard on its value)."""
+    pairs = nb * (nb // 2 + 1)
+    return torch.sym_max(1, torch.sym_min(SYM_CHUNK, pairs // SYM_PROGRAMS))
+
+
 def _launch_sym(name: str, n: int, cfg: TileConfig, fl: dict, args: tuple) -> None:
     nb = triton.cdiv(n, cfg.block_m)
     tiles = {"BLOCK": cfg.block_m, "BLOCK_D": cfg.block_d}
@@ -589,18 +607,38 @@ def _launch_sym(name: str, n: int, cfg: TileConfig, fl: dict, args: tuple) -> No
     if not _interpreting() and not torch.compiler.is_compiling():
         extra["maxnreg"] = MAXNREG
     kern = wrap_triton(getattr(S, name))
-    # Program (I, t) pairs block I with block (I + t) mod NB, t = 0 … NB // 2 (sym.py).
-    kern[(nb, nb // 2 + 1)](
-        *args, NB=nb, HALF=nb // 2, **fl, **tiles,
+    # Program (I, c) pairs block I with blocks (I + t) mod NB, t in [c·chunk, (c+1)·chunk)
+    # ∩ [0, NB // 2] (sym.py); the streamed backward takes one tile per program.
+    chunk = sym_chunk(nb) if name == "_sym_fwd_kernel" or fl["RESIDENT"] else 1
+    kern[(nb, triton.cdiv(nb // 2 + 1, chunk))](
+        *args, NB=nb, HALF=nb // 2, CHUNK=chunk, **fl, **tiles,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
     )  # fmt: skip
 
 
+def sym_tiles(
+    kind: str, arch: int, dtype: torch.dtype, d: int, has_pw: bool = False
+) -> tuple[TileConfig, bool]:
+    """(tiles, resident) of the symmetric ``kind`` 'sym_fwd' or 'sym_bwd' for (padded) D.
+    The backward with a mask streams: its two weight tiles beside the resident blocks spill
+    on sm_90 at D = 128 (kernel report)."""
+    bits = 32 if dtype == torch.float32 else 16
+    res = CONFIGS.get((arch, kind, bits, "res"))
+    if res is not None and d <= res.block_d and not (has_pw and kind == "sym_bwd"):
+        width = 64 if d <= 64 else res.block_d
+        return dataclasses.replace(res, block_d=width, block_do=width if res.block_do else 0), True
+    return pick_config(kind, arch, dtype, d), False
+
+
 def _sym_setup(kind, z, d, k1, multilabel, has_pw, mode, config) -> tuple[TileConfig, dict]:
-    """Tiles and compile-time flags of a symmetric launch."""
-    cfg = config or pick_config(kind, arch_of(z.device), z.dtype, d)
+    """Tiles and compile-time flags of a symmetric launch (``config``: the streamed variant
+    with those tiles)."""
+    if config is None:
+        cfg, resident = sym_tiles(kind, arch_of(z.device), z.dtype, d, has_pw)
+    else:
+        cfg, resident = config, False
     fl = flags("sym", cfg, d, 0, k1, multilabel, has_pw)
-    fl.update(MODE=mode, DOT_PREC=dot_precision(z.dtype))
+    fl.update(MODE=mode, DOT_PREC=dot_precision(z.dtype), RESIDENT=resident)
     return cfg, fl
 
 

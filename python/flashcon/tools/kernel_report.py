@@ -110,13 +110,23 @@ def specs(archs, quick: bool) -> list[Spec]:
             sym = kernel in SYM_KERNELS
             kind = "fwd" if "fwd" in kernel else "bwd"
             buckets = ("any",) if kind == "fwd" or sym else ("narrow", "wide")
+            tdtype = {16: launch.torch.float16, 32: launch.torch.float32}[bits]
+            if sym and (arch, f"sym_{kind}", bits, "res") in launch.CONFIGS:
+                # Resident tiles for D <= 64 and D <= 128, streamed ones above.
+                buckets = ("res64", "res128", "any")
             for bucket in buckets:
-                c = launch.pick_config(
-                    "sp" if kernel == "_sp_fwd_kernel" else f"sym_{kind}" if sym else kind,
-                    arch,
-                    {16: launch.torch.float16, 32: launch.torch.float32}[bits],
-                    64 if bucket in ("narrow", "any") else 128,
-                )
+                resident = bucket.startswith("res")
+                if sym:
+                    c, resident = launch.sym_tiles(
+                        f"sym_{kind}", arch, tdtype, int(bucket[3:]) if resident else 1 << 20
+                    )
+                else:
+                    c = launch.pick_config(
+                        "sp" if kernel == "_sp_fwd_kernel" else kind,
+                        arch,
+                        tdtype,
+                        64 if bucket in ("narrow", "any") else 128,
+                    )
                 cfg = (c.block_m, c.block_n, c.block_d, c.block_do, c.num_warps, c.num_stages)
                 modes = (0, 1) if kind == "bwd" or sym else (None,)
                 for mode in modes:
@@ -152,6 +162,11 @@ def specs(archs, quick: bool) -> list[Spec]:
                             del fl["HAS_K1"], fl["HAS_PW"], fl["GATED"]
                         if sym:
                             del fl["HAS_SELF"], fl["GATED"]
+                            d = int(bucket[3:]) if resident else 1 << 20
+                            tiles = launch.sym_tiles(f"sym_{kind}", arch, tdtype, d, fl["HAS_PW"])
+                            if tiles != (c, resident):
+                                continue  # these flags take other tiles at this D
+                            fl["RESIDENT"] = resident
                         elif kernel != "_sp_fwd_kernel" and mode == 1:
                             del fl["GATED"]
                         if mode is not None:
