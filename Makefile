@@ -35,8 +35,11 @@ format: $(VENV)/.deps
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# Two pytest-xdist workers (the build machines have two cores); tests that share a module
+# fixture (one build, one probe, one pair of gloo processes) are grouped on one worker.
+PYTEST_WORKERS ?= 2
 test: $(EXT_STAMP) lint
-	FLASHCON_REQUIRE=cpu,triton $(VENV)/bin/pytest
+	FLASHCON_REQUIRE=cpu,triton $(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
 bench: $(EXT_STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)

@@ -153,7 +153,11 @@ def _xdist(workers: int) -> list[str]:
         import xdist  # noqa: F401
     except ImportError:
         return []
-    return ["-n", str(workers)] if workers > 1 else []
+    if workers <= 1:
+        return []
+    # With plugin autoloading off, an installed pytest-xdist must be named to be loaded.
+    load = ["-p", "xdist.plugin"] if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD") else []
+    return [*load, "-n", str(workers)]
 
 
 def _pytest(name: str, select: str, workers: int, py: str, tests: str) -> Step:

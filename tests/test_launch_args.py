@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
+# One worker runs the probe once for the module (pytest-xdist, --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("launch_probe")
 
 PROBE = Path(__file__).with_name("launch_probe.py")
 KERNELS = [

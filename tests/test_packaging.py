@@ -25,7 +25,9 @@ import torch
 
 import flashcon
 
-pytestmark = pytest.mark.slow  # about 1.5 min of CPU, nearly all the C++ compile
+# About 1.5 min of CPU, nearly all the C++ compile: one worker builds the wheel once for the
+# module (pytest-xdist, --dist loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("packaging")]
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SOURCES = ("setup.py", "pyproject.toml", "README.md", "python", "triton_kernels", "csrc")
