@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
-# One worker runs the probe once for the module (pytest-xdist, --dist loadgroup).
+# One worker runs the probe once (pytest-xdist, --dist loadgroup; session scope: the worker
+# may run other modules' tests between these).
 pytestmark = pytest.mark.xdist_group("launch_probe")
 
 PROBE = Path(__file__).with_name("launch_probe.py")
@@ -40,7 +41,7 @@ KERNELS = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def probe() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run(

@@ -25,8 +25,8 @@ import torch
 
 import flashcon
 
-# About 1.5 min of CPU, nearly all the C++ compile: one worker builds the wheel once for the
-# module (pytest-xdist, --dist loadgroup).
+# About 1.5 min of CPU, nearly all the C++ compile: one worker builds the wheel once (session
+# scope: under pytest-xdist, --dist loadgroup, the worker may run other tests between these).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("packaging")]
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ def _run(cmd: list[str], cwd: pathlib.Path, timeout: int = 120, **extra: str) ->
     return p.stdout
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def wheel(tmp_path_factory) -> pathlib.Path:
     tmp = tmp_path_factory.mktemp("packaging")
     src = tmp / "src"
@@ -74,7 +74,7 @@ def wheel(tmp_path_factory) -> pathlib.Path:
     return wheels[0]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def venv_python(wheel: pathlib.Path) -> pathlib.Path:
     venv = wheel.parent.parent / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=venv.parent)

@@ -369,7 +369,7 @@ def _single(fn, parts: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return _value_and_grads(fn, whole, backend="reference")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def dist_results(tmp_path_factory) -> list[dict]:
     tmp = tmp_path_factory.mktemp("dist")
     world = len(DIST_SIZES)

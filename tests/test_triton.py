@@ -464,7 +464,9 @@ class _LargestAllocation(TorchDispatchMode):
 
 
 def test_no_n_by_m_allocation():
-    n_b, v, d = 1024, 2, 32  # N = M = 2048
+    # N = M = 512: an N×M tensor (262 144 elements) is 4× the bound (4·N·D), and the 16-bit
+    # tiles give 8 row blocks (N = 2048 took ~110 s in the interpreter).
+    n_b, v, d = 256, 2, 32
     n = n_b * v
     # fp16 takes the large 16-bit tiles: a quarter of fp32's interpreted programs.
     x = torch.nn.functional.normalize(torch.randn(n_b, v, d), dim=-1).to(DEVICE, torch.float16)
