@@ -35,11 +35,12 @@ format: $(VENV)/.deps
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# Two pytest-xdist workers (the build machines have two cores); tests that share a module
-# fixture (one build, one probe, one pair of gloo processes) are grouped on one worker.
+# Two pytest-xdist workers (the build machines have two cores); what several tests share
+# (one wheel build, one launch probe, one pair of gloo processes) is made once per run by
+# whichever worker asks first (tests/conftest.py: shared_once).
 PYTEST_WORKERS ?= 2
 test: $(EXT_STAMP) lint
-	FLASHCON_REQUIRE=cpu,triton $(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadgroup
+	FLASHCON_REQUIRE=cpu,triton $(VENV)/bin/pytest -n $(PYTEST_WORKERS)
 
 bench: $(EXT_STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)

@@ -83,6 +83,7 @@ TRITON_TESTS = "triton or available or auto"
 DENSE = ("reference-compile", "reference")
 ALL_PATHS = ("flashcon-triton", *DENSE, "flashcon-triton-general", "flashcon-cuda")
 TRITON_PATHS = ("flashcon-triton", "flashcon-triton-general")
+SCHEDULES = ("flashcon-triton", "flashcon-triton-tiles")
 # Per-point settings: 3 warm-ups (compilation included), then at least 5 timed fwd+bwd calls
 # and up to 0.3 s of them; a point over 60 s is hung.
 POINT_ARGS = (
@@ -113,6 +114,9 @@ SWEEPS = (
     Sweep("ntxent-bf16", "ntxent", "bfloat16", TRITON_PATHS, (65536,), 15.0),
     Sweep("sincere-bf16", "sincere", "bfloat16", TRITON_PATHS, (65536,), 15.0),
     Sweep("tcl-bf16", "tcl", "bfloat16", TRITON_PATHS, (65536,), 15.0),
+    # The symmetric kernels' schedules side by side: partner runs with resident blocks (the
+    # default) against one streamed tile pair per program (FLASHCON_SYM_SCHEDULE=tiles).
+    Sweep("supcon-bf16-schedule", "supcon", "bfloat16", SCHEDULES, (16384, 65536), 20.0, False),
     Sweep("supcon-bf16-n32768", "supcon", "bfloat16", ALL_PATHS, (32768,), 33.0, False),
     Sweep("supcon-fp32-n32768", "supcon", "float32", ALL_PATHS, (32768,), 37.0, False),
 )

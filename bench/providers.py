@@ -19,6 +19,7 @@ each point's loss value and its relative difference from ``reference`` to show i
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 
 import torch
@@ -32,6 +33,9 @@ SYMMETRIC = ("triton", "cpu")
 PROVIDERS = (
     *(f"flashcon-{b}" for b in STREAMING),
     *(f"flashcon-{b}-general" for b in SYMMETRIC),
+    # The Triton symmetric path on its earlier schedule (one tile pair per program, both
+    # blocks streamed): the A/B of the partner-run and resident kernels (triton_kernels/sym.py).
+    "flashcon-triton-tiles",
     "reference",
     "reference-compile",
     "chunked-compile",
@@ -95,6 +99,7 @@ def availability(provider: str, loss: str, device: torch.device) -> tuple[bool, 
         from flashcon.engine import BackendUnavailableError
 
         backend = provider.removeprefix("flashcon-").removesuffix("-general")
+        backend = backend.removesuffix("-tiles")
         if backend == "triton" and device.type != "cuda":
             # resolve_backend accepts CPU tensors under TRITON_INTERPRET=1: that interpreter
             # is a correctness tool, far too slow to be worth timing.
@@ -190,6 +195,13 @@ def make_loss_fn(provider: str, loss: str) -> Callable:
             return functools.partial(
                 _general_path, fn, **kwargs, backend=backend[: -len("-general")]
             )
+        if backend.endswith("-tiles"):
+            # Each point runs in its own worker process: the switch holds for its forward
+            # and backward calls, and for nothing else.
+            from flashcon.triton_kernels import launch
+
+            os.environ[launch.SCHEDULE_ENV] = "tiles"
+            backend = backend[: -len("-tiles")]
         return functools.partial(fn, **kwargs, backend=backend)
     if provider == "reference":
         return functools.partial(getattr(reference, f"{loss}_loss"), **kwargs)

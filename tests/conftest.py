@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,3 +44,29 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def shared_once(tmp_path_factory) -> Callable[[str, Callable[[Path], None]], Path]:
+    """``shared_once(name, make)``: a directory ``make(dir)`` fills once per test run, shared by
+    the pytest-xdist workers (their base temporary directories share a parent). The first
+    worker to ask builds it under a lock; the others wait for it and reuse it. A ``make`` that
+    raises leaves nothing behind, and the next worker to ask tries again."""
+
+    def get(name: str, make: Callable[[Path], None]) -> Path:
+        if "PYTEST_XDIST_WORKER" not in os.environ:
+            d = tmp_path_factory.mktemp(name)
+            make(d)
+            return d
+        root = tmp_path_factory.getbasetemp().parent
+        d = root / name
+        with open(root / f"{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (d / ".done").exists():
+                shutil.rmtree(d, ignore_errors=True)
+                d.mkdir()
+                make(d)
+                (d / ".done").touch()
+        return d
+
+    return get

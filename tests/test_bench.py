@@ -165,3 +165,22 @@ def test_explicit_sizes_run_in_ascending_order():
     assert run.sizes(args) == [4096, 16384, 65536]
     args = run.parse_args(["--device", "cpu", "--min-n", "1024", "--max-n", "4096"])
     assert run.sizes(args) == [1024, 2048, 4096]
+
+
+def test_one_tile_schedule_provider(monkeypatch):
+    """flashcon-triton-tiles: the Triton symmetric path on its one-tile-pair schedule, set in
+    the point's worker process before the loss runs; like every Triton provider it needs a
+    CUDA device (the interpreter is not benchmarked)."""
+    import providers
+    import torch
+
+    from flashcon.triton_kernels import launch
+
+    assert "flashcon-triton-tiles" in providers.PROVIDERS
+    ok, why = providers.availability("flashcon-triton-tiles", "supcon", torch.device("cpu"))
+    assert not ok and "CUDA" in why
+    monkeypatch.setenv(launch.SCHEDULE_ENV, "runs")  # restored (unset) after the test
+    fn = providers.make_loss_fn("flashcon-triton-tiles", "supcon")
+    assert os.environ[launch.SCHEDULE_ENV] == "tiles"
+    assert fn.keywords["backend"] == "triton"
+    assert fn.func.__name__ == "supcon_loss"

@@ -80,8 +80,10 @@ def test_bench_sweeps_cover_the_asked_points():
     for s in others.values():
         assert s.required and s.dtype == "bfloat16" and s.ns == (65536,)
         assert s.providers == ("flashcon-triton", "flashcon-triton-general")
-    extra = [s for s in check.SWEEPS if not s.required]
-    assert extra and all(s.ns == (32768,) for s in extra)
+    extra = {s.name: s for s in check.SWEEPS if not s.required}
+    ab = extra.pop("supcon-bf16-schedule")  # the symmetric kernels' two schedules, A/B
+    assert ab.providers == ("flashcon-triton", "flashcon-triton-tiles")
+    assert extra and all(s.ns == (32768,) for s in extra.values())
 
     step = check.bench_step(check.SWEEPS[0], 95.0, Path("/o"), "python3")
     cmd = step.cmd

@@ -21,10 +21,6 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
-# One worker runs the probe once (pytest-xdist, --dist loadgroup; session scope: the worker
-# may run other modules' tests between these).
-pytestmark = pytest.mark.xdist_group("launch_probe")
-
 PROBE = Path(__file__).with_name("launch_probe.py")
 KERNELS = [
     "_bwd_finish_kernel",
@@ -42,13 +38,17 @@ KERNELS = [
 
 
 @pytest.fixture(scope="session")
-def probe() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run(
-        [sys.executable, str(PROBE)], env=env, capture_output=True, text=True, timeout=900
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
-    return json.loads(out.stdout)
+def probe(shared_once) -> dict:
+    def make(d: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        out = subprocess.run(
+            [sys.executable, str(PROBE)], env=env, capture_output=True, text=True, timeout=900
+        )
+        assert out.returncode == 0, out.stderr[-4000:]
+        (d / "probe.json").write_text(out.stdout)
+
+    # Once per run, whichever pytest-xdist worker asks first.
+    return json.loads((shared_once("launch_probe", make) / "probe.json").read_text())
 
 
 def test_every_kernel_is_analysed(probe):

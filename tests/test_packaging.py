@@ -25,9 +25,9 @@ import torch
 
 import flashcon
 
-# About 1.5 min of CPU, nearly all the C++ compile: one worker builds the wheel once (session
-# scope: under pytest-xdist, --dist loadgroup, the worker may run other tests between these).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("packaging")]
+# About 1.5 min of CPU, nearly all the C++ compile: the wheel and its venv are built once per
+# run, by whichever pytest-xdist worker asks first (conftest's shared_once).
+pytestmark = pytest.mark.slow
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SOURCES = ("setup.py", "pyproject.toml", "README.md", "python", "triton_kernels", "csrc")
@@ -48,8 +48,14 @@ def _run(cmd: list[str], cwd: pathlib.Path, timeout: int = 120, **extra: str) ->
 
 
 @pytest.fixture(scope="session")
-def wheel(tmp_path_factory) -> pathlib.Path:
-    tmp = tmp_path_factory.mktemp("packaging")
+def wheel(shared_once) -> pathlib.Path:
+    tmp = shared_once("packaging-wheel", _build_wheel)
+    wheels = sorted((tmp / "dist").glob("flashcon-*.whl"))
+    assert len(wheels) == 1, f"expected one flashcon wheel, got {wheels}"
+    return wheels[0]
+
+
+def _build_wheel(tmp: pathlib.Path) -> None:
     src = tmp / "src"
     src.mkdir()
     skip = shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info", "build")
@@ -69,14 +75,16 @@ def wheel(tmp_path_factory) -> pathlib.Path:
         # This environment's ninja (the dev extras install it) for the parallel build.
         PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
     )
-    wheels = sorted(dist.glob("flashcon-*.whl"))
-    assert len(wheels) == 1, f"expected one flashcon wheel, got {wheels}"
-    return wheels[0]
 
 
 @pytest.fixture(scope="session")
-def venv_python(wheel: pathlib.Path) -> pathlib.Path:
-    venv = wheel.parent.parent / "venv"
+def venv_python(wheel: pathlib.Path, shared_once) -> pathlib.Path:
+    venv = shared_once("packaging-venv", lambda d: _install(wheel, d)) / "venv"
+    return venv / "bin" / "python"
+
+
+def _install(wheel: pathlib.Path, root: pathlib.Path) -> None:
+    venv = root / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=venv.parent)
     py = venv / "bin" / "python"
     purelib = pathlib.Path(
@@ -94,7 +102,6 @@ def venv_python(wheel: pathlib.Path) -> pathlib.Path:
         cwd=venv,
     )
     assert (purelib / "flashcon" / "__init__.py").is_file()
-    return py
 
 
 def test_wheel_contents(wheel: pathlib.Path):

@@ -370,8 +370,13 @@ def _single(fn, parts: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 
 @pytest.fixture(scope="session")
-def dist_results(tmp_path_factory) -> list[dict]:
-    tmp = tmp_path_factory.mktemp("dist")
+def dist_results(shared_once) -> list[dict]:
+    # The two gloo processes run once per run, by whichever pytest-xdist worker asks first.
+    tmp = shared_once("gloo-pair", _run_gloo_pair)
+    return [torch.load(f"{tmp / 'res'}.{r}") for r in range(len(DIST_SIZES))]
+
+
+def _run_gloo_pair(tmp: Path) -> None:
     world = len(DIST_SIZES)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
@@ -399,7 +404,6 @@ def dist_results(tmp_path_factory) -> list[dict]:
     logs = [p.communicate(timeout=240)[0] for p in procs]
     for r, p in enumerate(procs):
         assert p.returncode == 0, f"rank {r} failed:\n{logs[r][-3000:]}"
-    return [torch.load(f"{tmp / 'res'}.{r}") for r in range(world)]
 
 
 def _check_gathered(ranks: list, key, fn, members: list[int], name: str) -> None:
@@ -424,14 +428,12 @@ def _check_gathered(ranks: list, key, fn, members: list[int], name: str) -> None
     assert_close(mean_gp, gp, atol=1e-12, rtol=0, name=f"{name} dprototypes")
 
 
-@pytest.mark.xdist_group("gloo")  # one worker runs the two processes once
 @pytest.mark.parametrize("backend", STREAMING)
 @pytest.mark.parametrize("case", list(DIST_CASES))
 def test_gather_multihot_and_queue(dist_results, case, backend):
     _check_gathered(dist_results, (case, backend), DIST_CASES[case], [0, 1], case)
 
 
-@pytest.mark.xdist_group("gloo")  # one worker runs the two processes once
 @pytest.mark.parametrize("backend", STREAMING)
 def test_gather_uses_the_group_argument(dist_results, backend):
     # Rank 0 gathers in the group {0}: its single-process loss, not the world's.
@@ -449,14 +451,12 @@ def test_gather_uses_the_group_argument(dist_results, backend):
     "group rank i as the global src of dist.scatter: in a group whose ranks are not 0..k-1 "
     "(rank 1 alone in group {1}) the backward raises 'Global rank 0 is not part of group'",
 )
-@pytest.mark.xdist_group("gloo")  # one worker runs the two processes once
 def test_gather_group_of_a_later_rank(dist_results, backend):
     got = dist_results[1]["group", backend]
     assert not isinstance(got, str), got
     _check_gathered(dist_results, ("group", backend), DIST_CASES["supcon_queue"], [1], "{1}")
 
 
-@pytest.mark.xdist_group("gloo")  # one worker runs the two processes once
 @pytest.mark.parametrize("backend", STREAMING)
 def test_gather_rejects_mask(dist_results, backend):
     for r in range(len(DIST_SIZES)):
@@ -471,7 +471,6 @@ def test_gather_rejects_mask(dist_results, backend):
     "(`if x.shape[0] < m`, python/flashcon/distributed.py:59): under torch.compile they are "
     "data-dependent (unbacked) sizes and fullgraph tracing fails",
 )
-@pytest.mark.xdist_group("gloo")  # one worker runs the two processes once
 def test_gather_under_compile(dist_results, backend):
     for r in range(len(DIST_SIZES)):
         got = dist_results[r]["compile", backend]

@@ -169,6 +169,22 @@ def test_sym_partner_runs(shape, mode, weights, schedule):
         assert res_ran == resident
 
 
+def test_one_tile_schedule_switch(monkeypatch):
+    """FLASHCON_SYM_SCHEDULE=tiles (the bench's flashcon-triton-tiles A/B): one tile pair per
+    program, streamed, read at each launch; anything but 'runs'/'tiles' is an error."""
+    cuda = launch.TileConfig(64, 64, 128, 128, 8, 2)
+    monkeypatch.setattr(launch, "SYM_PROGRAMS", 1)
+    assert launch.sym_chunk(8) == launch.SYM_CHUNK  # 8 blocks: 40 tile pairs, runs of 16
+    assert launch.sym_tiles("sym_bwd", 90, torch.bfloat16, 128) == (cuda, True)
+    monkeypatch.setenv(launch.SCHEDULE_ENV, "tiles")
+    assert launch.sym_chunk(8) == 1
+    cfg, resident = launch.sym_tiles("sym_bwd", 90, torch.bfloat16, 128)
+    assert not resident and cfg == launch.pick_config("sym_bwd", 90, torch.bfloat16, 128)
+    monkeypatch.setenv(launch.SCHEDULE_ENV, "pairs")
+    with pytest.raises(ValueError, match="FLASHCON_SYM_SCHEDULE"):
+        launch.sym_chunk(8)
+
+
 @pytest.mark.parametrize("case", ["static-near-limit", "tiny-temperature", "large-norms"])
 @pytest.mark.parametrize("mode", POS_MODES)
 @pytest.mark.parametrize("weights", WEIGHTS, ids=["all", "pos", "neg", "tcl"])
@@ -231,9 +247,12 @@ def test_sym_sp_with_a_mask_runs_the_contract():
 LP_ULPS = {"stat": 16, torch.float16: 4, torch.bfloat16: 4}
 
 
+@pytest.mark.parametrize("schedule", ["runs", "tiles"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_sym_low_precision(dtype):
-    """fp32 statistics, gradients in the input dtype; 16-bit tiles (64 rows: NB = 3)."""
+def test_sym_low_precision(dtype, schedule, monkeypatch):
+    """fp32 statistics, gradients in the input dtype; 16-bit tiles (64 rows: NB = 3), resident
+    (D = 40 <= 128) on the default schedule, streamed one tile per program on 'tiles'."""
+    monkeypatch.setenv(launch.SCHEDULE_ENV, schedule)
     z, lab, ml, pw, g = _inputs(130, 40, dtype, "labels")
     zd, labd = _dev(z, lab)
     lse, psum, pcnt = ops.sym_lse_fwd_op(zd, labd, 10.0, 1.0, 1.0, 0.0, ml, pw)

@@ -110,6 +110,18 @@ CONFIGS: dict[tuple[int, str, int, str], TileConfig] = {
 # under SYM_PROGRAMS programs (so a small N still fills every SM).
 SYM_CHUNK = 16
 SYM_PROGRAMS = 1024
+# FLASHCON_SYM_SCHEDULE=tiles: the earlier schedule (one tile per program, both blocks
+# streamed, no resident variant), read at every launch; for A/B timing (bench provider
+# flashcon-triton-tiles), the results agree to rounding.
+SCHEDULE_ENV = "FLASHCON_SYM_SCHEDULE"
+
+
+def _one_tile_schedule() -> bool:
+    mode = os.environ.get(SCHEDULE_ENV, "runs")
+    if mode not in ("runs", "tiles"):
+        raise ValueError(f"{SCHEDULE_ENV} must be 'runs' or 'tiles', got {mode!r}")
+    return mode == "tiles"
+
 
 ARCHS = (80, 90)
 MAXNREG = 255  # registers per thread the eager launches allow ptxas (see _launch)
@@ -594,6 +606,8 @@ def _deterministic() -> bool:
 def sym_chunk(nb):
     """Partner blocks per program of a symmetric launch over ``nb`` row blocks (an int, or a
     SymInt under torch.compile: no guard on its value)."""
+    if _one_tile_schedule():
+        return 1
     pairs = nb * (nb // 2 + 1)
     return torch.sym_max(1, torch.sym_min(SYM_CHUNK, pairs // SYM_PROGRAMS))
 
@@ -624,6 +638,8 @@ def sym_tiles(
     on sm_90 at D = 128 (kernel report)."""
     bits = 32 if dtype == torch.float32 else 16
     res = CONFIGS.get((arch, kind, bits, "res"))
+    if _one_tile_schedule():
+        res = None
     if res is not None and d <= res.block_d and not (has_pw and kind == "sym_bwd"):
         width = 64 if d <= 64 else res.block_d
         return dataclasses.replace(res, block_d=width, block_do=width if res.block_do else 0), True
