@@ -118,10 +118,11 @@ def test_sym_lse_matches_contract_and_general(shape, weights, mode, tiles):
 # parity with the contract is then checked at fp32's tolerances.
 _RES16 = launch.TileConfig(16, 16, 128, 128, 4, 1)
 SCHEDULES = {"runs2": (2, None), "resident-runs2": (2, _RES16), "resident-runs16": (16, _RES16)}
-# (shape, positives, weights): 16-row blocks give NB = 7 and 9 (odd); D = 130 is above the
-# resident limit (streamed, 32-row table tiles: NB = 4, even).
+# (shape, positives, weights): 16-row blocks give NB = 8 (even: the distance-NB/2 pair taken
+# once) and 9 (odd); D = 130 is above the resident limit (streamed, 32-row table tiles:
+# NB = 4, even).
 _RUN_CASES = [
-    ((100, 16), "labels", WEIGHTS[0]),
+    ((120, 16), "labels", WEIGHTS[0]),
     ((130, 33), "multilabel", WEIGHTS[3]),
     ((100, 130), "pos_weight", WEIGHTS[0]),
 ]
@@ -151,7 +152,7 @@ def schedule(request, monkeypatch):
 
 @pytest.mark.parametrize("schedule", list(SCHEDULES), indirect=True)
 @pytest.mark.parametrize(
-    "shape, mode, weights", _RUN_CASES, ids=["N100D16", "N130D33-multilabel-tcl", "N100D130-mask"]
+    "shape, mode, weights", _RUN_CASES, ids=["N120D16", "N130D33-multilabel-tcl", "N100D130-mask"]
 )
 def test_sym_partner_runs(shape, mode, weights, schedule):
     """Programs that take runs of partner blocks (block I's share kept in registers), streamed
