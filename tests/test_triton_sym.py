@@ -111,8 +111,8 @@ def test_sym_lse_matches_contract_and_general(shape, weights, mode, tiles):
     _check_lse(z, lab, 10.0, weights, ml, pw, g, config=cfg)
 
 
-# Partner runs of the schedule (sym.py): chunk = min(SYM_CHUNK, pairs // SYM_PROGRAMS), so the
-# table's SYM_PROGRAMS gives one partner per program at these sizes; these settings give runs
+# Partner runs of the schedule (sym.py): chunk = max(1, min(SYM_CHUNK, pairs // SYM_PROGRAMS)),
+# so the table's SYM_PROGRAMS gives one partner per program at these sizes; these give runs
 # of 2 (some ending at the duplicate distance NB/2 of an even NB) and whole rows of partners.
 # "resident" adds 16-row fp32 resident tiles (sym_tiles' "res" entries, D <= 128), whose
 # parity with the contract is then checked at fp32's tolerances.
@@ -172,7 +172,7 @@ def test_sym_partner_runs(shape, mode, weights, schedule):
 
 def test_one_tile_schedule_switch(monkeypatch):
     """FLASHCON_SYM_SCHEDULE=tiles (the bench's flashcon-triton-tiles A/B): one tile pair per
-    program, streamed, read at each launch; anything but 'runs'/'tiles' is an error."""
+    program, streamed, read when the launcher runs; anything but 'runs'/'tiles' is an error."""
     cuda = launch.TileConfig(64, 64, 128, 128, 8, 2)
     monkeypatch.setattr(launch, "SYM_PROGRAMS", 1)
     assert launch.sym_chunk(8) == launch.SYM_CHUNK  # 8 blocks: 40 tile pairs, runs of 16
@@ -312,15 +312,21 @@ def test_sym_lse_backward_only_fallback():
     assert_close_rel(dz.cpu(), exp, DZ_RTOL, "dz")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(0, 7), (5, 0)], ids=["N0", "D0"])
-def test_sym_empty_shapes(shape):
-    z, lab, _, _, _ = _inputs(*shape, torch.float32, "labels")
+def test_sym_empty_shapes(shape, dtype):
+    """bf16 with D = 0 must stream (a resident block would load columns of an empty tensor)."""
+    z, lab, _, _, _ = _inputs(*shape, dtype, "labels")
     zd, labd = _dev(z, lab)
     args = (10.0, 1.0, 1.0, 0.0, False, None)
     lse, psum, pcnt = ops.sym_lse_fwd_op(zd, labd, *args)
     assert lse.shape == psum.shape == pcnt.shape == (shape[0],)
     general = ops.lse_fwd_op(zd, zd, labd, labd, 0, *args)
     for a, c in zip((lse, psum, pcnt), general):
+        torch.testing.assert_close(a, c)
+    sp = ops.sym_sp_fwd_op(zd, labd, lse, 10.0, False, None)
+    for a, c in zip(sp, launch.sp_fwd(zd, zd, labd, labd, lse, 0, 10.0, False)):
+        assert a.shape == (shape[0],)
         torch.testing.assert_close(a, c)
     g = torch.ones(shape[0], device=DEVICE)
     dz = ops.sym_lse_bwd_op(g, g, zd, labd, lse, *args)

@@ -51,8 +51,9 @@ class TileConfig:
     num_stages: int
 
 
-# (arch, kernel, input bits, D bucket) -> tiles. "narrow" is D ≤ 64, "wide" D > 64; the forward
-# ignores the bucket (its register use does not grow with D: D is streamed in chunks).
+# (arch, kernel, input bits, D bucket) -> tiles. "narrow" is D ≤ 64, "wide" D > 64; the general
+# forward ignores the bucket (its register use does not grow with D: D is streamed in chunks).
+# "res" holds the symmetric kernels' resident variants (whole D in registers, sym_tiles).
 # Checked spill-free and within shared memory by ``python -m flashcon.tools.kernel_report``.
 CONFIGS: dict[tuple[int, str, int, str], TileConfig] = {
     # Forward, 16-bit: a 64×64 fp32 similarity tile over 8 warps (~190-230 registers with
@@ -111,8 +112,9 @@ CONFIGS: dict[tuple[int, str, int, str], TileConfig] = {
 SYM_CHUNK = 16
 SYM_PROGRAMS = 1024
 # FLASHCON_SYM_SCHEDULE=tiles: the earlier schedule (one tile per program, both blocks
-# streamed, no resident variant), read at every launch; for A/B timing (bench provider
-# flashcon-triton-tiles), the results agree to rounding.
+# streamed, no resident variant), for A/B timing (bench provider flashcon-triton-tiles); the
+# results agree to rounding. Read whenever a launcher runs: each eager call, but only once,
+# at tracing, for a torch.compile'd graph (no guard: set it before compiling).
 SCHEDULE_ENV = "FLASHCON_SYM_SCHEDULE"
 
 
@@ -556,7 +558,8 @@ def sym_plan(
     if pos_weight is not None:
         _check_pos_weight(pos_weight)
     dev, f64 = z.device, torch.float64
-    # The shift the kernels subtract is the fp32 value: l1 and l2 use the same rounding.
+    # The shift the kernels subtract is the fp32 value (in base 2: fl(fl(A)·log2 e), within an
+    # ulp of it, ~1e-6 in the lse at A = 40): l1 and l2 use the same rounding.
     r2 = z.float().square().sum(1).amax()
     shift = (scale * r2).float()
     r2, shift64 = r2.to(f64), shift.to(f64)
@@ -622,7 +625,8 @@ def _launch_sym(name: str, n: int, cfg: TileConfig, fl: dict, args: tuple) -> No
         extra["maxnreg"] = MAXNREG
     kern = wrap_triton(getattr(S, name))
     # Program (I, c) pairs block I with blocks (I + t) mod NB, t in [c·chunk, (c+1)·chunk)
-    # ∩ [0, NB // 2] (sym.py); the streamed backward takes one tile per program.
+    # ∩ [0, NB // 2] (sym.py). The streamed backward computes the first tile of its run only
+    # (a loop around it spilled on sm_80): its chunk must be 1.
     chunk = sym_chunk(nb) if name == "_sym_fwd_kernel" or fl["RESIDENT"] else 1
     kern[(nb, triton.cdiv(nb // 2 + 1, chunk))](
         *args, NB=nb, HALF=nb // 2, CHUNK=chunk, **fl, **tiles,
@@ -640,7 +644,9 @@ def sym_tiles(
     res = CONFIGS.get((arch, kind, bits, "res"))
     if _one_tile_schedule():
         res = None
-    if res is not None and d <= res.block_d and not (has_pw and kind == "sym_bwd"):
+    # D = 0 streams (its loops over D run zero times); a resident block would load BLOCK_D
+    # columns of an empty tensor.
+    if res is not None and 0 < d <= res.block_d and not (has_pw and kind == "sym_bwd"):
         width = 64 if d <= 64 else res.block_d
         return dataclasses.replace(res, block_d=width, block_do=width if res.block_do else 0), True
     return pick_config(kind, arch, dtype, d), False

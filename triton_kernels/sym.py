@@ -4,8 +4,10 @@ In 'all' mode the anchors and the columns are one tensor z [N, D] (self column e
 s_ij = s_ji. The blocks of BLOCK rows are paired on a circulant schedule: block I meets
 J = (I + t) mod NB for t = 0 … NB // 2 (with an even NB the pair at distance NB / 2 is taken
 once, by I < NB / 2), so every unordered pair {I, J} is one tile. Program (I, c) takes the
-run t ∈ [c·CHUNK, (c + 1)·CHUNK) of block I's partners (the launcher picks CHUNK <= 16, fewer
-where the grid would not fill the GPU, ``launch.sym_chunk``). On the tile S = Z_I·Z_Jᵀ:
+run t ∈ [c·CHUNK, (c + 1)·CHUNK) ∩ [0, NB // 2] of block I's partners, less the distance
+NB / 2 for I >= NB / 2 (``_partners``). The launcher picks CHUNK <= 16, fewer while the grid
+would have under 1024 programs (``launch.sym_chunk``), and 1 for the streamed backward. On
+the tile S = Z_I·Z_Jᵀ:
 
 - pairs (i, j) with i ∈ I, j ∈ J are visited once; a diagonal tile (t = 0) keeps its strict
   upper triangle j > i only, so no pair is visited twice and the own column never;
@@ -179,6 +181,8 @@ def _sym_fwd_kernel(
     if tl.load(gate_ptr) == 0:
         return
     bi, t0, t1 = _partners(NB, HALF, CHUNK)
+    if t1 <= t0:
+        return
     offs_i, ok_i = _block(bi, N, BLOCK)
     if RESIDENT:
         zi = _load_block(z_ptr, bi, ok_i, stride_z, D, BLOCK, BLOCK_D, EVEN_D)
@@ -239,15 +243,14 @@ def _sym_fwd_kernel(
             col_r = tl.sum(tl.where(pos, m_ji * sig, 0.0), axis=0)
             tl.atomic_add(out_ptr + offs_j, col_sp, mask=ok_j, sem="relaxed")
             tl.atomic_add(out_ptr + N + offs_j, col_r, mask=ok_j, sem="relaxed")
-    if t1 > t0:
-        tl.atomic_add(out_ptr + offs_i, acc1, mask=ok_i, sem="relaxed")
-        if MODE == 0:
-            if HAS_K1:
-                tl.atomic_add(out_ptr + N + offs_i, acc2, mask=ok_i, sem="relaxed")
-            tl.atomic_add(out_ptr + 2 * N + offs_i, acc3, mask=ok_i, sem="relaxed")
-            tl.atomic_add(out_ptr + 3 * N + offs_i, acc4, mask=ok_i, sem="relaxed")
-        else:
+    tl.atomic_add(out_ptr + offs_i, acc1, mask=ok_i, sem="relaxed")
+    if MODE == 0:
+        if HAS_K1:
             tl.atomic_add(out_ptr + N + offs_i, acc2, mask=ok_i, sem="relaxed")
+        tl.atomic_add(out_ptr + 2 * N + offs_i, acc3, mask=ok_i, sem="relaxed")
+        tl.atomic_add(out_ptr + 3 * N + offs_i, acc4, mask=ok_i, sem="relaxed")
+    else:
+        tl.atomic_add(out_ptr + N + offs_i, acc2, mask=ok_i, sem="relaxed")
 
 
 @triton.jit
@@ -342,7 +345,8 @@ def _sym_bwd_kernel(
     With ``RESIDENT`` (D <= BLOCK_D, one chunk) the program takes its run of partners J with
     Z_I and block I's dZ in registers: per tile one load (Z_J, shared by S and H·Z_J) and one
     atomic add (the partner's Hᵀ·Z_I); block I's dZ is added once at the end. Without it
-    (D above the resident limit) the program has one tile (the launcher's CHUNK is 1): both
+    (fp32, D above the resident limit, a mask, an explicit config, the 'tiles' schedule) the
+    program computes the first tile of its run only, so the launcher's CHUNK must be 1: both
     blocks are streamed over D for S and again per BLOCK_DO output chunk, two atomic adds.
 
     MODE_LSE: u = ρ (g_lse·scale·c_max·e^{A − lse}), v = κ (g_lse·k1·m_max·e^{R² − lse}),

@@ -171,13 +171,14 @@ def specs(archs, quick: bool) -> list[Spec]:
                             del fl["GATED"]
                         if mode is not None:
                             fl = {"MODE": mode, **fl}
-                        flt = tuple(fl.items())
-                        # Buckets with identical tiles are one compiled kernel.
-                        key = (kernel, arch, dtype, prec, flt, cfg)
-                        if key in seen:
-                            continue
-                        seen.add(key)
-                        out.append(Spec(kernel, arch, dtype, prec, bucket, flt, cfg))
+                        for chunk in _chunk_values(kernel, fl.get("RESIDENT", False), quick):
+                            flt = tuple(fl.items()) + chunk
+                            # Buckets with identical tiles are one compiled kernel.
+                            key = (kernel, arch, dtype, prec, flt, cfg)
+                            if key in seen:
+                                continue
+                            seen.add(key)
+                            out.append(Spec(kernel, arch, dtype, prec, bucket, flt, cfg))
         for kernel, flag_sets in SMALL_KERNELS.items():
             if dtype != "fp32" and kernel not in TYPED_SMALL:
                 continue
@@ -186,6 +187,19 @@ def specs(archs, quick: bool) -> list[Spec]:
                 cfg = (rows, 0, launch._COLS, 0, launch.SMALL_WARPS, launch.SMALL_STAGES)
                 out.append(Spec(kernel, arch, dtype, "-", "any", tuple(fl.items()), cfg))
     return out
+
+
+def _chunk_values(kernel: str, resident: bool, quick: bool) -> list[tuple]:
+    """The symmetric kernels' CHUNK as the runtime passes it: Triton makes an integer argument
+    equal to 1 a compile-time constant, and CHUNK is 1 in every streamed backward and in the
+    others below 64 row blocks; else a runtime i32 (no entry). Quick: the resident ones."""
+    if kernel not in SYM_KERNELS:
+        return [()]
+    if kernel == "_sym_bwd_kernel" and not resident:
+        return [(("CHUNK", 1),)]
+    if quick and not resident:
+        return [()]
+    return [(), (("CHUNK", 1),)]
 
 
 def _signature(fn, spec: Spec) -> tuple[dict, dict, dict]:
