@@ -35,12 +35,16 @@ format: $(VENV)/.deps
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# Two pytest-xdist workers (the build machines have two cores); what several tests share
-# (one wheel build, one launch probe, one pair of gloo processes) is made once per run by
-# whichever worker asks first (tests/conftest.py: shared_once).
+# Two pytest-xdist workers (the build machines have two cores), one OpenMP thread each: two
+# workers of two threads on two cores took 14 min of pytest against 9 min (OpenMP threads
+# spin-waiting for a core). What several tests share (one wheel build, one launch probe, one
+# pair of gloo processes) is made once per run by whichever worker asks first
+# (tests/conftest.py: shared_once).
 PYTEST_WORKERS ?= 2
+PYTEST_THREADS ?= 1
 test: $(EXT_STAMP) lint
-	FLASHCON_REQUIRE=cpu,triton $(VENV)/bin/pytest -n $(PYTEST_WORKERS)
+	FLASHCON_REQUIRE=cpu,triton OMP_NUM_THREADS=$(PYTEST_THREADS) \
+		$(VENV)/bin/pytest -n $(PYTEST_WORKERS)
 
 bench: $(EXT_STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)
