@@ -144,6 +144,39 @@ def _pair_sim(
 
 
 @triton.jit
+def _pair_tile(
+    z_ptr, zi, bj, t, offs_i, offs_j, ok_i, ok_j, D, stride_z, lab_ptr, pw_ptr, pw_ridx_ptr,
+    pw_cidx_ptr, pw_cols, MULTILABEL: tl.constexpr, HAS_PW: tl.constexpr,
+    RESIDENT: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """(S, Z_J (see _pair_sim), m_ij, m_ji, valid) of block I's tile with block J: the forward
+    and the backward build the same tile, so the backward's s is the forward's."""
+    s, zj = _pair_sim(
+        z_ptr, zi, bj, offs_i, offs_j, ok_i, ok_j, D, stride_z, RESIDENT, EVEN_D, DOT_PREC,
+        BLOCK, BLOCK_D,
+    )  # fmt: skip
+    m_ij, m_ji, valid = _sym_weights(
+        offs_i, offs_j, ok_i, ok_j, t, lab_ptr, pw_ptr, pw_ridx_ptr, pw_cidx_ptr, pw_cols,
+        MULTILABEL, HAS_PW,
+    )  # fmt: skip
+    return s, zj, m_ij, m_ji, valid
+
+
+@triton.jit
+def _plan_base2(plan_ptr, scale):
+    """(scale2, shift2, c_pos, c_neg, r2l, 1/m_max) of the plan vector, the exponents in base 2
+    (LOG2E): e = 2^{scale2·s − shift2} = e^{scale·s − A}, f = 2^{−(s·log2 e + r2l)} = e^{−s − R²}."""
+    scale2 = scale * LOG2E
+    shift2 = tl.load(plan_ptr) * LOG2E
+    c_pos = tl.load(plan_ptr + 2)
+    c_neg = tl.load(plan_ptr + 3)
+    r2l = tl.load(plan_ptr + 1) * LOG2E
+    inv_mmax = tl.load(plan_ptr + 4)
+    return scale2, shift2, c_pos, c_neg, r2l, inv_mmax
+
+
+@triton.jit
 def _sym_fwd_kernel(
     z_ptr,
     lab_ptr,
@@ -193,25 +226,16 @@ def _sym_fwd_kernel(
     acc3 = tl.zeros([BLOCK], dtype=tl.float32)
     acc4 = tl.zeros([BLOCK], dtype=tl.float32)
     if MODE == 0:
-        # In base 2 (LOG2E): e = 2^{scale2·s − shift2} = e^{scale·s − A}, f = 2^{−(s + R²)·log2 e}.
-        scale2 = scale * LOG2E
-        shift2 = tl.load(plan_ptr) * LOG2E
-        c_pos = tl.load(plan_ptr + 2)
-        c_neg = tl.load(plan_ptr + 3)
-        r2l = tl.load(plan_ptr + 1) * LOG2E
-        inv_mmax = tl.load(plan_ptr + 4)
+        scale2, shift2, c_pos, c_neg, r2l, inv_mmax = _plan_base2(plan_ptr, scale)
         eta_i = acc1
     else:
         eta_i = tl.load(eta_ptr + offs_i, mask=ok_i, other=0.0)
     for t in range(t0, t1):
         bj, offs_j, ok_j = _partner(bi, t, N, NB, BLOCK)
-        s, _ = _pair_sim(
-            z_ptr, zi, bj, offs_i, offs_j, ok_i, ok_j, D, stride_z, RESIDENT, EVEN_D, DOT_PREC,
+        s, _, m_ij, m_ji, valid = _pair_tile(
+            z_ptr, zi, bj, t, offs_i, offs_j, ok_i, ok_j, D, stride_z, lab_ptr, pw_ptr,
+            pw_ridx_ptr, pw_cidx_ptr, pw_cols, MULTILABEL, HAS_PW, RESIDENT, EVEN_D, DOT_PREC,
             BLOCK, BLOCK_D,
-        )  # fmt: skip
-        m_ij, m_ji, valid = _sym_weights(
-            offs_i, offs_j, ok_i, ok_j, t, lab_ptr, pw_ptr, pw_ridx_ptr, pw_cidx_ptr, pw_cols,
-            MULTILABEL, HAS_PW,
         )  # fmt: skip
         if MODE == 0:
             # One exponential for both rows of the pair (<= 1 by the choice of the shift).
@@ -276,13 +300,10 @@ def _bwd_tile(
     The rows of J come in, not out: torch's launch analysis (torch.compile) traces a stored
     address back through a called function's result to every argument of the call, so an
     address built from this function's results would mark u, v and w as written."""
-    s, zj = _pair_sim(
-        z_ptr, zi, bj, offs_i, offs_j, ok_i, ok_j, D, stride_z, RESIDENT, EVEN_D, DOT_PREC,
+    s, zj, m_ij, m_ji, valid = _pair_tile(
+        z_ptr, zi, bj, t, offs_i, offs_j, ok_i, ok_j, D, stride_z, lab_ptr, pw_ptr,
+        pw_ridx_ptr, pw_cidx_ptr, pw_cols, MULTILABEL, HAS_PW, RESIDENT, EVEN_D, DOT_PREC,
         BLOCK, BLOCK_D,
-    )  # fmt: skip
-    m_ij, m_ji, valid = _sym_weights(
-        offs_i, offs_j, ok_i, ok_j, t, lab_ptr, pw_ptr, pw_ridx_ptr, pw_cidx_ptr, pw_cols,
-        MULTILABEL, HAS_PW,
     )  # fmt: skip
     u_j = tl.load(u_ptr + offs_j, mask=ok_j, other=0.0)
     v_j = tl.load(v_ptr + offs_j, mask=ok_j, other=0.0)
@@ -364,12 +385,7 @@ def _sym_bwd_kernel(
     v_i = tl.load(v_ptr + offs_i, mask=ok_i, other=0.0)
     rows_i = offs_i.to(tl.int64)[:, None]
     if MODE == 0:
-        scale2 = scale * LOG2E  # base 2, as in the forward
-        shift2 = tl.load(plan_ptr) * LOG2E
-        c_pos = tl.load(plan_ptr + 2)
-        c_neg = tl.load(plan_ptr + 3)
-        r2l = tl.load(plan_ptr + 1) * LOG2E
-        inv_mmax = tl.load(plan_ptr + 4)
+        scale2, shift2, c_pos, c_neg, r2l, inv_mmax = _plan_base2(plan_ptr, scale)
         w_i = tl.load(w_ptr + offs_i, mask=ok_i, other=0.0)
     else:
         scale2, shift2, c_pos, c_neg, r2l, inv_mmax = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
