@@ -41,8 +41,8 @@ _HOME = {
 _WHERE = {(n, d): f"{d.upper()} tensors" for n, homes in _HOME.items() for d in homes}
 _WHERE["triton", "cpu"] = "CPU tensors (TRITON_INTERPRET=1)"
 
-# Backends whose symmetric ops run their general kernels (csrc/cuda/engine_cuda.cu): no
-# tile-pair kernels there.
+# Backends whose symmetric ops have no tile-pair kernels (csrc/cuda/engine_cuda.cu: the general
+# forward with q = k = z and a one-launch dz backward).
 _GENERAL_SYMMETRIC = ("cuda",)
 
 _NVCC_RE = re.compile(rb"Cuda compilation tools, release ([0-9.]+), V([0-9.]+)")

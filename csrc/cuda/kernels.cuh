@@ -1,0 +1,583 @@
+// CUDA kernels of the flashcon:: ops (the streaming engine of python/flashcon/engine.py) and
+// their launch plans. No ATen here: csrc/cuda/engine_cuda.cu checks and prepares the tensors and
+// calls the launch_* functions; the same source also compiles for the host under
+// csrc/emu/cuda_emu.h, where tests/test_cuda_emu.py runs it (one OS thread per CUDA thread)
+// against the float64 oracle on a machine without a GPU.
+//
+// Tiling. A CTA of 128 threads (4 warps) owns 64 rows and streams over 64-column tiles. Each
+// tile of similarities S = A·Bᵀ is built in shared memory from slices of A and B staged through
+// shared memory: 64 × 64 slices into WMMA 16×16×16 (fp32 accumulate) for float16/bfloat16,
+// 64 × 32 slices into a 4×8 register micro-tile of FMAs for float32. 16-bit slices are staged
+// with 16-byte loads where D is a multiple of 8 and the rows are 16-byte aligned. The per-pair
+// math is flashcon/tile_math.h, the same functions the CPU kernels run.
+//
+// Forward (lse and softplus passes): two threads per row, each keeping an online max-shifted
+// log-sum-exp (or the softplus/sigmoid sums) over half of every tile; a thread evaluates each
+// pair's weight and exponent once per tile (kept in registers between the max and the sum);
+// the halves are merged with a shuffle at the end.
+//
+// Backward: dQ and dK are two launches of one kernel, each CTA owning a 64-row block of its
+// output and up to 128 columns of D (two 64-wide chunks of accumulators), so no two CTAs write
+// the same element: no atomics, and results are bitwise reproducible. The dQ launch recomputes
+// S = Q_blk·K_tileᵀ, forms G in shared memory once per tile and accumulates G·K_tile for both
+// D chunks; the dK launch does the same with Sᵀ = K_blk·Q_tileᵀ and Gᵀ·Q_tile. S is computed
+// once per tile for D <= 128 (once per 128 columns of D beyond).
+//
+// Positive weights (contract v2): class labels, int64 label bitmasks, or a [Bq, Bk] pos_weight
+// matrix read per pair from global memory (cached; it is O(B²)), never expanded to N×M.
+//
+// Precision: products accumulate in float32; statistics are float32; float64 is not supported
+// here (the CPU kernels and backend='torch' take it).
+#pragma once
+
+#if defined(FLASHCON_CUDA_EMU)
+#include "../emu/cuda_emu.h"
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+#define FLASHCON_SMEM(Type, name) __shared__ Type name
+#define FLASHCON_LD16(p) (*reinterpret_cast<const uint4*>(p))
+#define FLASHCON_ST16(p, v) (*reinterpret_cast<uint4*>(p) = (v))
+#define FLASHCON_LAUNCH(kernel, grid, block, stream, ...) \
+  (kernel<<<grid, block, 0, stream>>>(__VA_ARGS__), cudaGetLastError())
+#endif
+
+#include <algorithm>
+#include <cstdint>
+
+#include "flashcon/tile_math.h"
+
+namespace flashcon {
+namespace cuda {
+
+namespace tm = flashcon::tile_math;
+
+constexpr int kThreads = 128;
+constexpr int kBM = 64;   // rows of a tile
+constexpr int kBN = 64;   // columns of a tile
+constexpr int kBD = 64;   // D chunk of a backward accumulator
+constexpr int kMaxChunks = 2;  // D chunks one backward CTA accumulates
+constexpr int kSPad = 4;
+
+enum Mode { kLse = 0, kSp = 1 };
+
+template <typename T>
+__device__ __forceinline__ T from_f(float x);
+template <>
+__device__ __forceinline__ float from_f<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __half from_f<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+template <typename T>
+struct IsFloat {
+  static constexpr bool value = false;
+};
+template <>
+struct IsFloat<float> {
+  static constexpr bool value = true;
+};
+
+struct Params {
+  const void* q;
+  const void* k;
+  const int64_t* qlab;
+  const int64_t* klab;
+  int64_t n, m, d, self_offset;
+  float scale, lw_pos, lw_neg, lk1;
+  bool has_k1;
+  // 16-byte staging loads: D is a multiple of 8 and q, k are 16-byte aligned (16-bit only).
+  bool vec;
+  // Positive weights (tile_math.h PosMode): labels, label bitmasks, or pos_weight [bq, bk]
+  // (float32) with its logarithm, read per pair (never expanded to N×M).
+  int mode;
+  const float* pw;
+  const float* lpw;
+  int64_t bq, bk;
+  // lse op: g_lse, g_psum, lse; sp op: g_sp (in g_lse), eta.
+  const float* g_lse;
+  const float* g_psum;
+  const float* lse;
+  const float* eta;
+  float* out0;
+  float* out1;
+  float* out2;
+  void* grad;  // dq or dk, in the input dtype
+};
+
+// Staging geometry per input dtype: 16-bit slices are 64 wide (one WMMA k-loop of 4 steps per
+// barrier pair), float32 slices 32 wide; rows are padded against bank conflicts, and 16-bit
+// rows stay multiples of 16 bytes (WMMA and 16-byte stores need it).
+template <typename T>
+struct Geo {
+  static constexpr bool kF32 = IsFloat<T>::value;
+  static constexpr int kBK = kF32 ? 32 : 64;
+  static constexpr int kLd = kBK + (kF32 ? 1 : 8);
+  static constexpr int kVLd = kBD + (kF32 ? 4 : 8);
+  static constexpr int kPLd = kBN + 8;
+};
+
+// Shared memory of one CTA (under 48 KiB: 46.5 KiB for 16-bit, 37 KiB for float32). The staging
+// slices and the backward's V chunk are never live at the same time, so they share storage.
+template <typename T>
+struct alignas(128) Smem {
+  using G = Geo<T>;
+  float s[kBM][kBN + kSPad];
+  union alignas(32) {
+    struct {
+      alignas(32) T a[kBM][G::kLd];
+      alignas(32) T b[kBN][G::kLd];
+    } stage;
+    alignas(32) T v[kBN][G::kVLd];
+  } u;
+  // The backward's G in the input dtype for the tensor-core product (unused for float32).
+  alignas(32) T p[G::kF32 ? 1 : kBM][G::kPLd];
+  float row_a[kBM], row_b[kBM], row_c[kBM];
+  float col_a[kBN], col_b[kBN], col_c[kBN];  // the symmetric backward's column statistics
+  int64_t lab_r[kBM], lab_c[kBN];
+};
+
+// m_ij and log m_ij of anchor i (label li) and column j (label lj).
+__device__ __forceinline__ void pair_weight(const Params& p, int64_t i, int64_t j, int64_t li,
+                                            int64_t lj, float& m, float& logm) {
+  if (p.mode == tm::kPosWeight) {
+    const int64_t x = (i % p.bq) * p.bk + j % p.bk;
+    m = __ldg(p.pw + x);
+    logm = __ldg(p.lpw + x);
+  } else {
+    m = tm::label_weight<float>(li, lj, p.mode == tm::kMultiLabel);
+    logm = 0.f;
+  }
+}
+
+// dst[r][c] = x[r0 + r][c0 + c] for r < 64, c < W (zero outside [rows) × [d)). With vec (16-bit,
+// D % 8 == 0, x 16-byte aligned) every 8-element chunk is wholly inside or outside [d), so it
+// moves as one 16-byte load and store.
+template <typename T, int W, int LD>
+__device__ __forceinline__ void stage(T (*dst)[LD], const T* x, int64_t rows, int64_t d,
+                                      int64_t r0, int64_t c0, bool vec) {
+  if constexpr (sizeof(T) == 2 && W % 8 == 0 && (LD * sizeof(T)) % 16 == 0) {
+    if (vec) {
+      constexpr int kC = W / 8;
+      for (int e = threadIdx.x; e < kBM * kC; e += kThreads) {
+        const int r = e / kC, c = (e % kC) * 8;
+        const int64_t gr = r0 + r, gc = c0 + c;
+        uint4 val = {0u, 0u, 0u, 0u};
+        if (gr < rows && gc < d) val = FLASHCON_LD16(x + gr * d + gc);
+        FLASHCON_ST16(&dst[r][c], val);
+      }
+      return;
+    }
+  }
+  for (int e = threadIdx.x; e < kBM * W; e += kThreads) {
+    const int r = e / W, c = e % W;
+    const int64_t gr = r0 + r, gc = c0 + c;
+    dst[r][c] = (gr < rows && gc < d) ? x[gr * d + gc] : from_f<T>(0.f);
+  }
+}
+
+// s[r][c] = a_{r0+r} · b_{c0+c} over all of D. Ends with a barrier: s is visible to all.
+template <typename T>
+__device__ void tile_product(Smem<T>& sm, const T* a, int64_t a_rows, const T* b, int64_t b_rows,
+                             int64_t d, int64_t r0, int64_t c0, bool vec) {
+  using G = Geo<T>;
+  if constexpr (G::kF32) {
+    const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;  // 16 × 8 threads, 4 × 8 outputs each
+    float acc[4][8];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
+    for (int64_t d0 = 0; d0 < d; d0 += G::kBK) {
+      stage<T, G::kBK>(sm.u.stage.a, a, a_rows, d, r0, d0, false);
+      stage<T, G::kBK>(sm.u.stage.b, b, b_rows, d, c0, d0, false);
+      __syncthreads();
+#pragma unroll 4
+      for (int kk = 0; kk < G::kBK; ++kk) {
+        float av[4], bv[8];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) av[i] = sm.u.stage.a[ty * 4 + i][kk];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) bv[j] = sm.u.stage.b[tx + 8 * j][kk];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) sm.s[ty * 4 + i][tx + 8 * j] = acc[i][j];
+  } else {
+    using namespace nvcuda;
+    const int warp = threadIdx.x / 32;  // warp w: rows [16w, 16w+16), all 64 columns
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[j], 0.f);
+    for (int64_t d0 = 0; d0 < d; d0 += G::kBK) {
+      stage<T, G::kBK>(sm.u.stage.a, a, a_rows, d, r0, d0, vec);
+      stage<T, G::kBK>(sm.u.stage.b, b, b_rows, d, c0, d0, vec);
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < G::kBK; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+        wmma::load_matrix_sync(fa, &sm.u.stage.a[warp * 16][kk], G::kLd);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          // Bᵀ as a column-major K×N operand: element (k, n) is b[n][k].
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+          wmma::load_matrix_sync(fb, &sm.u.stage.b[j * 16][kk], G::kLd);
+          wmma::mma_sync(acc[j], fa, fb, acc[j]);
+        }
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      wmma::store_matrix_sync(&sm.s[warp * 16][j * 16], acc[j], kBN + kSPad, wmma::mem_row_major);
+  }
+  __syncthreads();
+}
+
+// ---- forward: lse op (MODE kLse) and softplus pass (MODE kSp) ------------------------------
+template <typename T, int MODE>
+__global__ void __launch_bounds__(kThreads, 2) fwd_kernel(Params p) {
+  FLASHCON_SMEM(Smem<T>, sm);
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kBM;
+  const int r = threadIdx.x / 2, half = threadIdx.x % 2;
+  const int64_t i = r0 + r;
+  const bool row_ok = i < p.n;
+  const int64_t ql = row_ok ? p.qlab[i] : 0;
+  const float eta = (MODE == kSp && row_ok) ? p.eta[i] : 0.f;
+  float m = tm::neg_inf<float>(), sum = 0.f, a1 = 0.f, a2 = 0.f;  // a1, a2: psum, pcnt | sp, r
+  for (int64_t c0 = 0; c0 < p.m; c0 += kBN) {
+    if (threadIdx.x < kBN) {
+      const int64_t j = c0 + threadIdx.x;
+      sm.lab_c[threadIdx.x] = j < p.m ? p.klab[j] : 0;
+    }
+    tile_product(sm, q, p.n, k, p.m, p.d, r0, c0, p.vec);
+    if (row_ok) {
+      if constexpr (MODE == kLse) {
+        // One sweep evaluates each pair's exponent (kept in t) and the tile's max; the second
+        // sums the terms relative to the new running max. TCL's k1 terms are recomputed there.
+        float t[32];
+        float mt = tm::neg_inf<float>();
+#pragma unroll
+        for (int cc = 0; cc < 32; ++cc) {
+          const int c = half * 32 + cc;
+          const int64_t j = c0 + c;
+          float tv = tm::neg_inf<float>();
+          if (j < p.m) {
+            const float s = sm.s[r][c];
+            const bool excl = tm::is_self(i, j, p.self_offset);
+            float w, lw;
+            pair_weight(p, i, j, ql, sm.lab_c[c], w, lw);
+            const float mm = tm::pos_mass(w, excl);
+            a1 += mm * s;
+            a2 += mm;
+            tv = tm::lse_term(s, w, lw, excl, p.scale, p.lw_pos, p.lw_neg);
+            if (p.has_k1) mt = fmaxf(mt, tm::k1_term(s, w, lw, excl, p.lk1));
+          }
+          t[cc] = tv;
+          mt = fmaxf(mt, tv);
+        }
+        if (mt != tm::neg_inf<float>()) {
+          const float mn = fmaxf(m, mt);
+          float acc = 0.f;
+#pragma unroll
+          for (int cc = 0; cc < 32; ++cc) acc += tm::fexp(t[cc] - mn);
+          if (p.has_k1) {
+            for (int cc = 0; cc < 32; ++cc) {
+              const int c = half * 32 + cc;
+              const int64_t j = c0 + c;
+              if (j >= p.m) break;
+              const bool excl = tm::is_self(i, j, p.self_offset);
+              float w, lw;
+              pair_weight(p, i, j, ql, sm.lab_c[c], w, lw);
+              acc += tm::fexp(tm::k1_term(sm.s[r][c], w, lw, excl, p.lk1) - mn);
+            }
+          }
+          sum = tm::lse_rescale(m, sum, mn) + acc;
+          m = mn;
+        }
+      } else {
+        for (int c = half * 32; c < half * 32 + 32; ++c) {
+          const int64_t j = c0 + c;
+          if (j >= p.m) break;
+          const bool excl = tm::is_self(i, j, p.self_offset);
+          float w, lw;
+          pair_weight(p, i, j, ql, sm.lab_c[c], w, lw);
+          const float mm = tm::pos_mass(w, excl);
+          if (mm != 0.f) {
+            const float x = tm::sp_arg(sm.s[r][c], eta, p.scale);
+            a1 += mm * tm::softplus(x);
+            a2 += mm * tm::sigmoid(x);
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+  // Merge the two half-rows (threads 2r and 2r+1 share a warp).
+  const float m2 = __shfl_xor_sync(0xffffffffu, m, 1);
+  const float sum2 = __shfl_xor_sync(0xffffffffu, sum, 1);
+  a1 += __shfl_xor_sync(0xffffffffu, a1, 1);
+  a2 += __shfl_xor_sync(0xffffffffu, a2, 1);
+  if (MODE == kLse) tm::lse_merge(m, sum, m2, sum2);
+  if (row_ok && half == 0) {
+    if (MODE == kLse) {
+      p.out0[i] = tm::lse_finish(m, sum);
+      p.out1[i] = a1;
+      p.out2[i] = a2;
+    } else {
+      p.out0[i] = a1;
+      p.out1[i] = a2;
+    }
+  }
+}
+
+// Per-pair gradient G_ij of anchor i (statistics a, b, c) and column j.
+template <int MODE>
+__device__ __forceinline__ float pair_grad(const Params& p, int64_t i, int64_t j, int64_t li,
+                                           int64_t lj, float s, float a, float b, float c) {
+  const bool excl = tm::is_self(i, j, p.self_offset);
+  float w, lw;
+  pair_weight(p, i, j, li, lj, w, lw);
+  if (MODE == kLse)
+    return tm::lse_pair_grad(s, w, lw, excl, a, b, c, p.scale, p.lw_pos, p.lw_neg, p.lk1,
+                             p.has_k1);
+  return tm::sp_pair_grad(s, tm::pos_mass(w, excl), a, b, p.scale);
+}
+
+// ---- backward ------------------------------------------------------------------------------
+// Statistics of anchor ia into slot threadIdx.x: lse op g_lse, finite lse, g_psum; sp op g_sp,
+// eta (zeros past the last anchor).
+template <int MODE>
+__device__ __forceinline__ void load_stats(const Params& p, int64_t ia, bool ok, float* a,
+                                           float* b, float* c) {
+  const int t = threadIdx.x;
+  a[t] = ok ? p.g_lse[ia] : 0.f;
+  if (MODE == kLse) {
+    b[t] = ok ? tm::finite_or_zero(p.lse[ia]) : 0.f;
+    c[t] = ok ? p.g_psum[ia] : 0.f;
+  } else {
+    b[t] = ok ? p.eta[ia] : 0.f;
+    c[t] = 0.f;
+  }
+}
+
+// TRANS = false: rows are anchors (output dq), tiles stream over columns of k.
+// TRANS = true:  rows are columns of k (output dk), tiles stream over anchors of q.
+// SYM (q = k = z, qlab = klab, self_offset = 0; TRANS = false): output dz = dq + dk in one
+//   launch, dz_a = Σ_b (G_ab + G_ba)·z_b: S_ab = S_ba serves both terms, so S is computed once
+//   per tile instead of once in each of two launches.
+// The CTA's output is rows [r0, r0 + 64) × D columns [dv0, dv0 + 64·NCH).
+template <typename T, int MODE, bool TRANS, bool SYM, int NCH>
+__global__ void __launch_bounds__(kThreads, 2) bwd_kernel(Params p) {
+  using G = Geo<T>;
+  FLASHCON_SMEM(Smem<T>, sm);
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* rows_x = TRANS ? k : q;
+  const T* cols_x = TRANS ? q : k;
+  const int64_t n_rows = TRANS ? p.m : p.n, n_cols = TRANS ? p.n : p.m;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kBM;
+  const int64_t dv0 = static_cast<int64_t>(blockIdx.y) * (kBD * NCH);
+  const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
+  const int warp = threadIdx.x / 32;
+  float acc[NCH][4][8];
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> facc[NCH][4];
+  if constexpr (G::kF32) {
+#pragma unroll
+    for (int h = 0; h < NCH; ++h)
+#pragma unroll
+      for (int a = 0; a < 4; ++a)
+#pragma unroll
+        for (int b = 0; b < 8; ++b) acc[h][a][b] = 0.f;
+  } else {
+#pragma unroll
+    for (int h = 0; h < NCH; ++h)
+#pragma unroll
+      for (int b = 0; b < 4; ++b) nvcuda::wmma::fill_fragment(facc[h][b], 0.f);
+  }
+  if (threadIdx.x < kBM) {
+    const int64_t g = r0 + threadIdx.x;
+    sm.lab_r[threadIdx.x] = g < n_rows ? (TRANS ? p.klab[g] : p.qlab[g]) : 0;
+  }
+  for (int64_t c0 = 0; c0 < n_cols; c0 += kBN) {
+    if (threadIdx.x < kBN) {
+      const int64_t g = c0 + threadIdx.x;
+      const bool ok = g < n_cols;
+      sm.lab_c[threadIdx.x] = ok ? (TRANS ? p.qlab[g] : p.klab[g]) : 0;
+      // Per-anchor statistics of the tile's anchors (the rows, or the columns when TRANS).
+      const int64_t ia = TRANS ? g : r0 + threadIdx.x;
+      const bool ia_ok = ia < p.n;
+      load_stats<MODE>(p, ia, ia_ok, sm.row_a, sm.row_b, sm.row_c);
+      if (SYM) load_stats<MODE>(p, g, ok, sm.col_a, sm.col_b, sm.col_c);
+    }
+    tile_product(sm, rows_x, n_rows, cols_x, n_cols, p.d, r0, c0, p.vec);
+    // G once per tile: in place (float32), or in the input dtype for the tensor-core product.
+    for (int e = threadIdx.x; e < kBM * kBN; e += kThreads) {
+      const int a = e / kBN, b = e % kBN;
+      const int64_t ga = r0 + a, gb = c0 + b;
+      const int64_t i = TRANS ? gb : ga, j = TRANS ? ga : gb;
+      const int si = TRANS ? b : a;  // index of anchor i in the statistics arrays
+      float g = 0.f;
+      if (ga < n_rows && gb < n_cols) {
+        const float s = sm.s[a][b];
+        // Labels of anchor i and column j (the tile's rows are columns of k when TRANS).
+        const int64_t li = TRANS ? sm.lab_c[b] : sm.lab_r[a], lj = TRANS ? sm.lab_r[a] : sm.lab_c[b];
+        g = pair_grad<MODE>(p, i, j, li, lj, s, sm.row_a[si], sm.row_b[si], sm.row_c[si]);
+        if (SYM) g += pair_grad<MODE>(p, j, i, lj, li, s, sm.col_a[b], sm.col_b[b], sm.col_c[b]);
+      }
+      if constexpr (G::kF32) {
+        sm.s[a][b] = g;
+      } else {
+        sm.p[a][b] = from_f<T>(g);
+      }
+    }
+    // acc[h] += G · V_h, V_h = the tile's vectors, D columns [dv0 + 64h, dv0 + 64h + 64).
+#pragma unroll
+    for (int h = 0; h < NCH; ++h) {
+      const int64_t dv = dv0 + h * kBD;
+      if (dv >= p.d) break;
+      if (h > 0) __syncthreads();  // every warp is done with V_{h-1}
+      stage<T, kBD>(sm.u.v, cols_x, n_cols, p.d, c0, dv, p.vec);
+      __syncthreads();
+      if constexpr (G::kF32) {
+#pragma unroll 4
+        for (int kk = 0; kk < kBN; ++kk) {
+          float gv[4], vv[8];
+#pragma unroll
+          for (int a = 0; a < 4; ++a) gv[a] = sm.s[ty * 4 + a][kk];
+#pragma unroll
+          for (int b = 0; b < 8; ++b) vv[b] = sm.u.v[kk][tx + 8 * b];
+#pragma unroll
+          for (int a = 0; a < 4; ++a)
+#pragma unroll
+            for (int b = 0; b < 8; ++b) acc[h][a][b] = fmaf(gv[a], vv[b], acc[h][a][b]);
+        }
+      } else {
+        using namespace nvcuda;
+#pragma unroll
+        for (int kk = 0; kk < kBN; kk += 16) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+          wmma::load_matrix_sync(fa, &sm.p[warp * 16][kk], G::kPLd);
+#pragma unroll
+          for (int b = 0; b < 4; ++b) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+            wmma::load_matrix_sync(fb, &sm.u.v[kk][b * 16], G::kVLd);
+            wmma::mma_sync(facc[h][b], fa, fb, facc[h][b]);
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+  // Write the 64 × (64·NCH) output block.
+  T* out = static_cast<T*>(p.grad);
+#pragma unroll
+  for (int h = 0; h < NCH; ++h) {
+    const int64_t dv = dv0 + h * kBD;
+    if (dv >= p.d) break;
+    if constexpr (G::kF32) {
+#pragma unroll
+      for (int a = 0; a < 4; ++a)
+#pragma unroll
+        for (int b = 0; b < 8; ++b) {
+          const int64_t gr = r0 + ty * 4 + a, gc = dv + tx + 8 * b;
+          if (gr < n_rows && gc < p.d) out[gr * p.d + gc] = acc[h][a][b];
+        }
+    } else {
+      if (h > 0) __syncthreads();  // every thread is done reading the previous chunk from s
+#pragma unroll
+      for (int b = 0; b < 4; ++b)
+        nvcuda::wmma::store_matrix_sync(&sm.s[warp * 16][b * 16], facc[h][b], kBN + kSPad,
+                                        nvcuda::wmma::mem_row_major);
+      __syncthreads();
+      for (int e = threadIdx.x; e < kBM * kBD; e += kThreads) {
+        const int a = e / kBD, c = e % kBD;
+        const int64_t gr = r0 + a, gc = dv + c;
+        if (gr < n_rows && gc < p.d) out[gr * p.d + gc] = from_f<T>(sm.s[a][c]);
+      }
+    }
+  }
+}
+
+// ---- launch plans (host) -------------------------------------------------------------------
+
+inline int blocks(int64_t x, int64_t b) { return static_cast<int>((x + b - 1) / b); }
+
+// Whether 16-bit rows of D elements at these addresses can be staged with 16-byte accesses.
+inline bool vec_ok(const void* q, const void* k, int64_t d, int elem_bytes) {
+  const auto aligned = [](const void* x) { return reinterpret_cast<uintptr_t>(x) % 16 == 0; };
+  return elem_bytes == 2 && d % 8 == 0 && aligned(q) && aligned(k);
+}
+
+// The log-sum-exp's weights as the kernels read them (log 0 = −inf: the term vanishes).
+inline void set_lse_weights(Params& p, double w_pos, double w_neg, double k1) {
+  p.lw_pos = tm::log_weight<float>(w_pos);
+  p.lw_neg = tm::log_weight<float>(w_neg);
+  p.lk1 = tm::log_weight<float>(k1);
+  p.has_k1 = k1 > 0;
+}
+
+template <typename T, int MODE>
+cudaError_t launch_fwd(const Params& p, cudaStream_t stream) {
+  if (p.n == 0) return cudaSuccess;
+  auto* kernel = &fwd_kernel<T, MODE>;
+  return FLASHCON_LAUNCH(kernel, dim3(blocks(p.n, kBM)), dim3(kThreads), stream, p);
+}
+
+// D columns per backward CTA: up to 128 (S and G once per tile); grid.y covers the rest.
+inline int bwd_chunks(int64_t d) { return d > kBD ? kMaxChunks : 1; }
+
+template <typename T, int MODE, bool TRANS, bool SYM = false>
+cudaError_t launch_bwd_one(const Params& p, int64_t rows, cudaStream_t stream) {
+  const int nch = bwd_chunks(p.d);
+  const dim3 grid(blocks(rows, kBM), std::max(1, blocks(p.d, kBD * nch)));
+  auto* k1 = &bwd_kernel<T, MODE, TRANS, SYM, 1>;
+  auto* k2 = &bwd_kernel<T, MODE, TRANS, SYM, kMaxChunks>;
+  return nch == 1 ? FLASHCON_LAUNCH(k1, grid, dim3(kThreads), stream, p)
+                  : FLASHCON_LAUNCH(k2, grid, dim3(kThreads), stream, p);
+}
+
+// dq (p.n rows) then dk (p.m rows), each in the input dtype.
+template <typename T, int MODE>
+cudaError_t launch_bwd(Params p, void* dq, void* dk, cudaStream_t stream) {
+  if (p.n > 0) {
+    p.grad = dq;
+    const cudaError_t err = launch_bwd_one<T, MODE, false>(p, p.n, stream);
+    if (err != cudaSuccess) return err;
+  }
+  if (p.m > 0) {
+    p.grad = dk;
+    return launch_bwd_one<T, MODE, true>(p, p.m, stream);
+  }
+  return cudaSuccess;
+}
+
+// The symmetric ops' backward (p: q = k = z, qlab = klab, self_offset = 0): dz = dq + dk in one
+// launch, in the input dtype (rounded once).
+template <typename T, int MODE>
+cudaError_t launch_sym_bwd(Params p, void* dz, cudaStream_t stream) {
+  if (p.n == 0) return cudaSuccess;
+  p.grad = dz;
+  return launch_bwd_one<T, MODE, false, true>(p, p.n, stream);
+}
+
+}  // namespace cuda
+}  // namespace flashcon
