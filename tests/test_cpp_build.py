@@ -118,3 +118,56 @@ def test_print_resource_usage(capsys):
                     f"  {arch} REG {k['REG']:3d} STACK {k['STACK']} SHARED {k['SHARED']:6d} "
                     f"{name.replace('flashcon::cuda::(anonymous namespace)::', '')}"
                 )
+
+
+def _sass_by_kernel() -> dict[tuple[str, str], list[str]]:
+    """{(arch, demangled kernel name): opcodes} from ``cuobjdump -sass``."""
+    _resource_table()  # the same skips
+    out = subprocess.run(
+        [_cuobjdump(), "-sass", _extension()], capture_output=True, text=True, check=True
+    ).stdout
+    names = {}
+    if shutil.which("c++filt"):
+        mangled = sorted(set(re.findall(r"Function : (\S+)", out)))
+        demangled = subprocess.run(
+            ["c++filt"], input="\n".join(mangled), capture_output=True, text=True
+        ).stdout.splitlines()
+        names = dict(zip(mangled, demangled))
+    table: dict[tuple[str, str], list[str]] = {}
+    arch = func = None
+    for line in out.splitlines():
+        m = re.search(r"arch = (sm_\d+)", line)
+        if m:
+            arch = m.group(1)
+            continue
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            func = names.get(m.group(1), m.group(1))
+            table[arch, func] = []
+            continue
+        m = re.search(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
+        if m and func:
+            table[arch, func].append(m.group(1))
+    return table
+
+
+def test_tensor_core_code_shape():
+    """Every 16-bit kernel multiplies on tensor cores (HMMA) from operands loaded with ldmatrix
+    (LDSM) and makes no generic-address load: nvcc emits bfloat16 WMMA loads with generic
+    addresses unless told they are shared (kernels.cuh: ld_frag), which cost ~140 registers per
+    thread. The resident kernels copy tiles with cp.async (LDGSTS) and wait for them (DEPBAR)."""
+    table = _sass_by_kernel()
+    checked = 0
+    for (arch, name), ops in table.items():
+        if "__half" not in name and "bfloat16" not in name:
+            continue
+        heads = {op.split(".")[0] for op in ops}
+        assert "HMMA" in heads, f"{arch} {name}: no HMMA"
+        assert "LDSM" in heads, f"{arch} {name}: no LDSM"
+        assert "LD" not in heads, f"{arch} {name}: generic-address loads"
+        if "_res_kernel" in name:
+            assert "LDGSTS" in heads and "DEPBAR" in heads, f"{arch} {name}: no cp.async"
+        checked += 1
+    # 2 architectures × 2 dtypes × (streamed fwd: 2 modes; streamed bwd: 2 modes × 3 directions
+    # × 2 chunk counts; resident fwd: 2 modes × 2 widths; resident bwd: 2 × 3 × 2 widths).
+    assert checked == 2 * 2 * (2 + 12 + 4 + 12), f"{checked} 16-bit kernels found"

@@ -45,10 +45,12 @@ def emu(shared_once):
     lib = ctypes.CDLL(str(shared_once("cuda-emu", _build) / "libfcemu.so"))
     p, i64, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
     lib.fcemu_run.argtypes = [i32, i32, p, p, p, p, i64, i64, i64, i64, f64, f64, f64, f64, i32,
-                              p, p, i64, i64, p, p, p, p, p, p, p, p, p]  # fmt: skip
+                              p, p, i64, i64, p, p, p, p, p, p, p, p, p, i32]  # fmt: skip
     lib.fcemu_run.restype = i32
     lib.fcemu_vec_ok.argtypes = [p, p, i64, i32]
     lib.fcemu_vec_ok.restype = i32
+    lib.fcemu_resident_width.argtypes = [i32, p, p, i64]
+    lib.fcemu_resident_width.restype = i32
     return lib
 
 
@@ -59,8 +61,11 @@ def _ptr(t: torch.Tensor | None):
 class Emu:
     """The four ops of the engine contract, run by the emulated CUDA kernels."""
 
-    def __init__(self, lib, q, k, ql, kl, self_offset, scale, multilabel=False, pos_weight=None):
-        self.lib, self.q, self.k = lib, q, k
+    def __init__(
+        self, lib, q, k, ql, kl, self_offset, scale, multilabel=False, pos_weight=None,
+        streamed=False,
+    ):  # fmt: skip
+        self.lib, self.q, self.k, self.streamed = lib, q, k, streamed
         self.ql, self.kl = ql.long().contiguous(), kl.long().contiguous()
         self.so, self.scale = self_offset, scale
         self.pw = None if pos_weight is None else pos_weight.float().contiguous()
@@ -79,7 +84,7 @@ class Emu:
             op, DTYPES[self.q.dtype], _ptr(self.q), _ptr(self.k), _ptr(self.ql), _ptr(self.kl),
             n, m, d, self.so, self.scale, *weights, self.mode, _ptr(self.pw), _ptr(self.lpw),
             bq, bk, _ptr(g0), _ptr(g1), _ptr(stat), _ptr(eta), *(_ptr(o) for o in outs),
-            _ptr(dq), _ptr(dk),
+            _ptr(dq), _ptr(dk), int(self.streamed),
         )  # fmt: skip
         assert rc == 0
         return outs, (dq, dk)
@@ -157,15 +162,32 @@ def _finite_part(got, want):
     return got[~none], want[~none]
 
 
+def _resident(dtype, d):
+    """Whether the launch plan picks the resident kernels (for 16-byte aligned rows)."""
+    return dtype != torch.float32 and 0 < d <= 128 and d % 8 == 0
+
+
+def _paths(shapes):
+    """(dtype, shape, streamed): every dtype and shape as the launch plan runs it, and where it
+    picks the resident kernels, the same call forced onto the streamed ones."""
+    out = []
+    for dtype, name in zip(DTYPES, ["fp32", "fp16", "bf16"]):
+        for shape in shapes:
+            sid = f"{name}-N{shape[0]}M{shape[1]}D{shape[2]}-self{shape[3]}"
+            out.append(pytest.param(dtype, shape, False, id=sid))
+            if _resident(dtype, shape[2]):
+                out.append(pytest.param(dtype, shape, True, id=sid + "-streamed"))
+    return out
+
+
 @pytest.mark.parametrize("opt", list(OPTIONS))
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}M{}D{}-self{}".format(*s))
-@pytest.mark.parametrize("dtype", list(DTYPES), ids=["fp32", "fp16", "bf16"])
-def test_lse_ops(emu, dtype, shape, opt):
+@pytest.mark.parametrize("dtype, shape, streamed", _paths(SHAPES))
+def test_lse_ops(emu, dtype, shape, streamed, opt):
     n, m, d, so = shape
     o = OPTIONS[opt]
     q, k, ql, kl, pw, g = _inputs(n, m, d, dtype, o)
     ml, scale, w = o.get("multilabel", False), 10.0, o["weights"]
-    e = Emu(emu, q, k, ql, kl, so, scale, ml, pw)
+    e = Emu(emu, q, k, ql, kl, so, scale, ml, pw, streamed=streamed)
     q64, k64 = q.double(), k.double()
     pw64 = None if pw is None else pw.double()
     want = TS.lse_fwd(q64, k64, ql, kl, so, scale, *w, ml, pw64)
@@ -183,12 +205,11 @@ def test_lse_ops(emu, dtype, shape, opt):
         _check(name, a, b, dtype, "grad")
 
 
-@pytest.mark.parametrize("shape", SHAPES[:4], ids=lambda s: "N{}M{}D{}-self{}".format(*s))
-@pytest.mark.parametrize("dtype", list(DTYPES), ids=["fp32", "fp16", "bf16"])
-def test_sp_ops(emu, dtype, shape):
+@pytest.mark.parametrize("dtype, shape, streamed", _paths(SHAPES[:4]))
+def test_sp_ops(emu, dtype, shape, streamed):
     n, m, d, so = shape
     q, k, ql, kl, _, g = _inputs(n, m, d, dtype, {}, seed=1)
-    e = Emu(emu, q, k, ql, kl, so, 10.0)
+    e = Emu(emu, q, k, ql, kl, so, 10.0, streamed=streamed)
     q64, k64 = q.double(), k.double()
     eta = torch.randn(n, generator=g) + 5.0
     want = TS.sp_fwd(q64, k64, ql, kl, eta.double(), so, 10.0)
@@ -214,6 +235,21 @@ def test_vectorised_staging_needs_alignment(emu):
     assert emu.fcemu_vec_ok(base, base, 64, 4) == 0  # float32 stages with scalar loads
 
 
+def test_launch_plan_picks_resident_kernels(emu):
+    """The resident kernels (cp.async of 16-byte chunks) only for 16-bit rows of D <= 128
+    elements, D % 8 == 0, 16-byte aligned; 64 columns wide up to D = 64, 128 beyond."""
+    buf = torch.zeros(4096, dtype=torch.bfloat16)
+    base = buf.data_ptr()
+    want = {8: 64, 40: 64, 64: 64, 72: 128, 96: 128, 128: 128, 136: 0, 36: 0, 7: 0, 0: 0}
+    for d, width in want.items():
+        for dtype in (1, 2):
+            assert emu.fcemu_resident_width(dtype, base, base, d) == width, (dtype, d)
+        assert _resident(torch.bfloat16, d) == (width > 0), d
+    assert emu.fcemu_resident_width(0, base, base, 64) == 0  # float32
+    assert emu.fcemu_resident_width(2, base + 2, base, 64) == 0  # misaligned q
+    assert emu.fcemu_resident_width(2, base, base + 8, 64) == 0  # misaligned k
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_misaligned_storage(emu, dtype):
     """q and k that start 2 bytes past an aligned address (views of a larger buffer, as a
@@ -235,21 +271,20 @@ def test_misaligned_storage(emu, dtype):
         assert torch.equal(a, c), f"{name}: scalar and 16-byte staging differ"
 
 
-# (n, d): the symmetric ops' shapes (q = k = z, self_offset = 0).
-SYM_SHAPES = [(130, 96), (70, 130), (33, 40), (5, 7)]
+# (n, n, d, 0): the symmetric ops' shapes (q = k = z, self_offset = 0).
+SYM_SHAPES = [(130, 130, 96, 0), (70, 70, 130, 0), (33, 33, 40, 0), (5, 5, 7, 0)]
 
 
 @pytest.mark.parametrize("opt", list(OPTIONS))
-@pytest.mark.parametrize("shape", SYM_SHAPES, ids=lambda s: "N{}D{}".format(*s))
-@pytest.mark.parametrize("dtype", list(DTYPES), ids=["fp32", "fp16", "bf16"])
-def test_sym_lse_bwd(emu, dtype, shape, opt):
+@pytest.mark.parametrize("dtype, shape, streamed", _paths(SYM_SHAPES))
+def test_sym_lse_bwd(emu, dtype, shape, streamed, opt):
     """The symmetric backward's one launch: dz = dq + dk of the general op with q = k = z,
     rounded once (G_ab + G_ba per pair, one S per tile)."""
-    n, d = shape
+    n, _, d, _ = shape
     o = OPTIONS[opt]
     z, _, lab, _, pw, g = _inputs(n, n, d, dtype, o, seed=3)
     ml, scale, w = o.get("multilabel", False), 10.0, o["weights"]
-    e = Emu(emu, z, z, lab, lab, 0, scale, ml, pw)
+    e = Emu(emu, z, z, lab, lab, 0, scale, ml, pw, streamed=streamed)
     z64, pw64 = z.double(), None if pw is None else pw.double()
     lse = e.lse_fwd(*w)[0]
     g_lse, g_psum = torch.randn(n, generator=g), torch.randn(n, generator=g)
@@ -258,12 +293,11 @@ def test_sym_lse_bwd(emu, dtype, shape, opt):
     _check("dz", e.sym_lse_bwd(g_lse, g_psum, lse, *w), dq + dk, dtype, "grad")
 
 
-@pytest.mark.parametrize("shape", SYM_SHAPES[:3], ids=lambda s: "N{}D{}".format(*s))
-@pytest.mark.parametrize("dtype", list(DTYPES), ids=["fp32", "fp16", "bf16"])
-def test_sym_sp_bwd(emu, dtype, shape):
-    n, d = shape
+@pytest.mark.parametrize("dtype, shape, streamed", _paths(SYM_SHAPES[:3]))
+def test_sym_sp_bwd(emu, dtype, shape, streamed):
+    n, _, d, _ = shape
     z, _, lab, _, _, g = _inputs(n, n, d, dtype, {}, seed=4)
-    e = Emu(emu, z, z, lab, lab, 0, 10.0)
+    e = Emu(emu, z, z, lab, lab, 0, 10.0, streamed=streamed)
     eta, g_sp = torch.randn(n, generator=g) + 5.0, torch.randn(n, generator=g)
     dq, dk = TS.sp_bwd(g_sp.double(), z.double(), z.double(), lab, lab, eta.double(), 0, 10.0)
     _check("dz", e.sym_sp_bwd(g_sp, eta), dq + dk, dtype, "grad")

@@ -4,12 +4,19 @@
 // csrc/emu/cuda_emu.h, where tests/test_cuda_emu.py runs it (one OS thread per CUDA thread)
 // against the float64 oracle on a machine without a GPU.
 //
-// Tiling. A CTA of 128 threads (4 warps) owns 64 rows and streams over 64-column tiles. Each
-// tile of similarities S = A·Bᵀ is built in shared memory from slices of A and B staged through
-// shared memory: 64 × 64 slices into WMMA 16×16×16 (fp32 accumulate) for float16/bfloat16,
-// 64 × 32 slices into a 4×8 register micro-tile of FMAs for float32. 16-bit slices are staged
-// with 16-byte loads where D is a multiple of 8 and the rows are 16-byte aligned. The per-pair
-// math is flashcon/tile_math.h, the same functions the CPU kernels run.
+// Tiling. A CTA of 128 threads (4 warps) owns 64 rows and streams over 64-column tiles; tiles
+// of similarities S = A·Bᵀ are formed in shared memory (WMMA 16×16×16 with fp32 accumulate for
+// float16/bfloat16, a 4×8 register micro-tile of FMAs per thread for float32) and the per-pair
+// math is flashcon/tile_math.h, the same functions the CPU kernels run. Two kernel families:
+//
+// - Resident (16-bit, 0 < D <= 128, rows 16-byte aligned with D % 8 == 0; the usual case):
+//   the CTA's row block A (64 × 64 or 64 × 128) is loaded once into shared memory and stays
+//   there for the whole column sweep; column tiles B arrive by cp.async into two buffers, the
+//   next one in flight while the current one is used, and in the backward each B serves both
+//   S = A·Bᵀ and G·B. Global memory is read once per CTA and tile.
+// - Streamed (float32, D > 128, unaligned or odd-D 16-bit rows): A and B are staged slice by
+//   slice over D (64 wide for 16-bit with 16-byte loads where aligned, 32 wide for float32),
+//   and the backward stages the tile's vectors again, 64 columns of D at a time.
 //
 // Forward (lse and softplus passes): two threads per row, each keeping an online max-shifted
 // log-sum-exp (or the softplus/sigmoid sums) over half of every tile; a thread evaluates each
@@ -21,7 +28,8 @@
 // the same element: no atomics, and results are bitwise reproducible. The dQ launch recomputes
 // S = Q_blk·K_tileᵀ, forms G in shared memory once per tile and accumulates G·K_tile for both
 // D chunks; the dK launch does the same with Sᵀ = K_blk·Q_tileᵀ and Gᵀ·Q_tile. S is computed
-// once per tile for D <= 128 (once per 128 columns of D beyond).
+// once per tile for D <= 128 (once per 128 columns of D beyond). The symmetric ops' backward
+// (q = k = z) is one launch writing dz = dq + dk (SYM below).
 //
 // Positive weights (contract v2): class labels, int64 label bitmasks, or a [Bq, Bk] pos_weight
 // matrix read per pair from global memory (cached; it is O(B²)), never expanded to N×M.
@@ -42,10 +50,13 @@
 #define FLASHCON_ST16(p, v) (*reinterpret_cast<uint4*>(p) = (v))
 #define FLASHCON_LAUNCH(kernel, grid, block, stream, ...) \
   (kernel<<<grid, block, 0, stream>>>(__VA_ARGS__), cudaGetLastError())
+#define FLASHCON_LAUNCH_DYN(kernel, grid, block, smem, stream, ...) \
+  ::flashcon::cuda::launch_dyn(kernel, grid, block, smem, stream, __VA_ARGS__)
 #endif
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "flashcon/tile_math.h"
 
@@ -97,6 +108,8 @@ struct Params {
   bool has_k1;
   // 16-byte staging loads: D is a multiple of 8 and q, k are 16-byte aligned (16-bit only).
   bool vec;
+  // Launch-plan option: take the streamed kernels even where the resident ones apply (tests).
+  bool no_resident;
   // Positive weights (tile_math.h PosMode): labels, label bitmasks, or pos_weight [bq, bk]
   // (float32) with its logarithm, read per pair (never expanded to N×M).
   int mode;
@@ -157,6 +170,42 @@ __device__ __forceinline__ void pair_weight(const Params& p, int64_t i, int64_t 
     m = tm::label_weight<float>(li, lj, p.mode == tm::kMultiLabel);
     logm = 0.f;
   }
+}
+
+// Load a 16-bit WMMA operand tile from shared memory. For bfloat16 nvcc emits the generic-address
+// form of wmma.load (64-bit addresses, no ldmatrix; +140 registers per thread in these kernels)
+// where it emits the .shared form for float16; the inline PTX is the same instruction with the
+// .shared state space, its four registers in the fragment's order (as the builtin stores them),
+// and ptxas lowers it to LDSM as it does for float16.
+template <typename Use, typename T, typename L>
+__device__ __forceinline__ void ld_frag(nvcuda::wmma::fragment<Use, 16, 16, 16, T, L>& f,
+                                        const T* p, unsigned ld) {
+#if !defined(FLASHCON_CUDA_EMU)
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    static_assert(sizeof(f) == 16, "a bf16 m16n16k16 operand fragment is four 32-bit registers");
+    unsigned* r = reinterpret_cast<unsigned*>(&f);
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+    if constexpr (std::is_same_v<Use, nvcuda::wmma::matrix_a>) {
+      static_assert(std::is_same_v<L, nvcuda::wmma::row_major>);
+      asm volatile("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;\n"
+                   : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                   : "r"(a), "r"(ld)
+                   : "memory");
+    } else if constexpr (std::is_same_v<L, nvcuda::wmma::col_major>) {
+      asm volatile("wmma.load.b.sync.aligned.col.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;\n"
+                   : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                   : "r"(a), "r"(ld)
+                   : "memory");
+    } else {
+      asm volatile("wmma.load.b.sync.aligned.row.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;\n"
+                   : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                   : "r"(a), "r"(ld)
+                   : "memory");
+    }
+    return;
+  }
+#endif
+  nvcuda::wmma::load_matrix_sync(f, p, ld);
 }
 
 // dst[r][c] = x[r0 + r][c0 + c] for r < 64, c < W (zero outside [rows) × [d)). With vec (16-bit,
@@ -232,12 +281,12 @@ __device__ void tile_product(Smem<T>& sm, const T* a, int64_t a_rows, const T* b
 #pragma unroll
       for (int kk = 0; kk < G::kBK; kk += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-        wmma::load_matrix_sync(fa, &sm.u.stage.a[warp * 16][kk], G::kLd);
+        ld_frag(fa, &sm.u.stage.a[warp * 16][kk], G::kLd);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           // Bᵀ as a column-major K×N operand: element (k, n) is b[n][k].
           wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-          wmma::load_matrix_sync(fb, &sm.u.stage.b[j * 16][kk], G::kLd);
+          ld_frag(fb, &sm.u.stage.b[j * 16][kk], G::kLd);
           wmma::mma_sync(acc[j], fa, fb, acc[j]);
         }
       }
@@ -251,103 +300,146 @@ __device__ void tile_product(Smem<T>& sm, const T* a, int64_t a_rows, const T* b
 }
 
 // ---- forward: lse op (MODE kLse) and softplus pass (MODE kSp) ------------------------------
+// Per-thread state of the forward: row i = r0 + threadIdx/2, the half of each tile's columns
+// this thread takes, and its running statistics (a1, a2: psum, pcnt | sp, r).
+struct FwdRow {
+  int r, half;
+  int64_t i, ql;
+  bool ok;
+  float eta, m, sum, a1, a2;
+};
+
+template <int MODE>
+__device__ __forceinline__ FwdRow fwd_row(const Params& p, int64_t r0) {
+  FwdRow x;
+  x.r = threadIdx.x / 2;
+  x.half = threadIdx.x % 2;
+  x.i = r0 + x.r;
+  x.ok = x.i < p.n;
+  x.ql = x.ok ? p.qlab[x.i] : 0;
+  x.eta = (MODE == kSp && x.ok) ? p.eta[x.i] : 0.f;
+  x.m = tm::neg_inf<float>();
+  x.sum = x.a1 = x.a2 = 0.f;
+  return x;
+}
+
+// Column labels of the tile at c0 into lab (threads < 64).
+__device__ __forceinline__ void load_col_labels(const int64_t* lab, int64_t n, int64_t c0,
+                                                int64_t* dst) {
+  if (threadIdx.x < kBN) {
+    const int64_t j = c0 + threadIdx.x;
+    dst[threadIdx.x] = j < n ? lab[j] : 0;
+  }
+}
+
+// Fold the tile of similarities s (columns c0...) into the thread's half-row.
+template <int MODE>
+__device__ __forceinline__ void fwd_tile(const Params& p, const float (*s)[kBN + kSPad],
+                                         const int64_t* lab_c, int64_t c0, FwdRow& x) {
+  if (!x.ok) return;
+  const int64_t i = x.i;
+  if constexpr (MODE == kLse) {
+    // One sweep evaluates each pair's exponent (kept in t) and the tile's max; the second sums
+    // the terms relative to the new running max. TCL's k1 terms are recomputed there.
+    float t[32];
+    float mt = tm::neg_inf<float>();
+#pragma unroll
+    for (int cc = 0; cc < 32; ++cc) {
+      const int c = x.half * 32 + cc;
+      const int64_t j = c0 + c;
+      float tv = tm::neg_inf<float>();
+      if (j < p.m) {
+        const float sv = s[x.r][c];
+        const bool excl = tm::is_self(i, j, p.self_offset);
+        float w, lw;
+        pair_weight(p, i, j, x.ql, lab_c[c], w, lw);
+        const float mm = tm::pos_mass(w, excl);
+        x.a1 += mm * sv;
+        x.a2 += mm;
+        tv = tm::lse_term(sv, w, lw, excl, p.scale, p.lw_pos, p.lw_neg);
+        if (p.has_k1) mt = fmaxf(mt, tm::k1_term(sv, w, lw, excl, p.lk1));
+      }
+      t[cc] = tv;
+      mt = fmaxf(mt, tv);
+    }
+    if (mt != tm::neg_inf<float>()) {
+      const float mn = fmaxf(x.m, mt);
+      float acc = 0.f;
+#pragma unroll
+      for (int cc = 0; cc < 32; ++cc) acc += tm::fexp(t[cc] - mn);
+      if (p.has_k1) {
+        for (int cc = 0; cc < 32; ++cc) {
+          const int c = x.half * 32 + cc;
+          const int64_t j = c0 + c;
+          if (j >= p.m) break;
+          const bool excl = tm::is_self(i, j, p.self_offset);
+          float w, lw;
+          pair_weight(p, i, j, x.ql, lab_c[c], w, lw);
+          acc += tm::fexp(tm::k1_term(s[x.r][c], w, lw, excl, p.lk1) - mn);
+        }
+      }
+      x.sum = tm::lse_rescale(x.m, x.sum, mn) + acc;
+      x.m = mn;
+    }
+  } else {
+    for (int c = x.half * 32; c < x.half * 32 + 32; ++c) {
+      const int64_t j = c0 + c;
+      if (j >= p.m) break;
+      const bool excl = tm::is_self(i, j, p.self_offset);
+      float w, lw;
+      pair_weight(p, i, j, x.ql, lab_c[c], w, lw);
+      const float mm = tm::pos_mass(w, excl);
+      if (mm != 0.f) {
+        const float arg = tm::sp_arg(s[x.r][c], x.eta, p.scale);
+        x.a1 += mm * tm::softplus(arg);
+        x.a2 += mm * tm::sigmoid(arg);
+      }
+    }
+  }
+}
+
+// Merge the two half-rows (threads 2r and 2r+1 share a warp) and write the row's outputs.
+template <int MODE>
+__device__ __forceinline__ void fwd_finish(const Params& p, FwdRow& x) {
+  const float m2 = __shfl_xor_sync(0xffffffffu, x.m, 1);
+  const float sum2 = __shfl_xor_sync(0xffffffffu, x.sum, 1);
+  x.a1 += __shfl_xor_sync(0xffffffffu, x.a1, 1);
+  x.a2 += __shfl_xor_sync(0xffffffffu, x.a2, 1);
+  if (MODE == kLse) tm::lse_merge(x.m, x.sum, m2, sum2);
+  if (x.ok && x.half == 0) {
+    if (MODE == kLse) {
+      p.out0[x.i] = tm::lse_finish(x.m, x.sum);
+      p.out1[x.i] = x.a1;
+      p.out2[x.i] = x.a2;
+    } else {
+      p.out0[x.i] = x.a1;
+      p.out1[x.i] = x.a2;
+    }
+  }
+}
+
 template <typename T, int MODE>
 __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(Params p) {
   FLASHCON_SMEM(Smem<T>, sm);
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kBM;
-  const int r = threadIdx.x / 2, half = threadIdx.x % 2;
-  const int64_t i = r0 + r;
-  const bool row_ok = i < p.n;
-  const int64_t ql = row_ok ? p.qlab[i] : 0;
-  const float eta = (MODE == kSp && row_ok) ? p.eta[i] : 0.f;
-  float m = tm::neg_inf<float>(), sum = 0.f, a1 = 0.f, a2 = 0.f;  // a1, a2: psum, pcnt | sp, r
+  FwdRow x = fwd_row<MODE>(p, r0);
   for (int64_t c0 = 0; c0 < p.m; c0 += kBN) {
-    if (threadIdx.x < kBN) {
-      const int64_t j = c0 + threadIdx.x;
-      sm.lab_c[threadIdx.x] = j < p.m ? p.klab[j] : 0;
-    }
+    load_col_labels(p.klab, p.m, c0, sm.lab_c);
     tile_product(sm, q, p.n, k, p.m, p.d, r0, c0, p.vec);
-    if (row_ok) {
-      if constexpr (MODE == kLse) {
-        // One sweep evaluates each pair's exponent (kept in t) and the tile's max; the second
-        // sums the terms relative to the new running max. TCL's k1 terms are recomputed there.
-        float t[32];
-        float mt = tm::neg_inf<float>();
-#pragma unroll
-        for (int cc = 0; cc < 32; ++cc) {
-          const int c = half * 32 + cc;
-          const int64_t j = c0 + c;
-          float tv = tm::neg_inf<float>();
-          if (j < p.m) {
-            const float s = sm.s[r][c];
-            const bool excl = tm::is_self(i, j, p.self_offset);
-            float w, lw;
-            pair_weight(p, i, j, ql, sm.lab_c[c], w, lw);
-            const float mm = tm::pos_mass(w, excl);
-            a1 += mm * s;
-            a2 += mm;
-            tv = tm::lse_term(s, w, lw, excl, p.scale, p.lw_pos, p.lw_neg);
-            if (p.has_k1) mt = fmaxf(mt, tm::k1_term(s, w, lw, excl, p.lk1));
-          }
-          t[cc] = tv;
-          mt = fmaxf(mt, tv);
-        }
-        if (mt != tm::neg_inf<float>()) {
-          const float mn = fmaxf(m, mt);
-          float acc = 0.f;
-#pragma unroll
-          for (int cc = 0; cc < 32; ++cc) acc += tm::fexp(t[cc] - mn);
-          if (p.has_k1) {
-            for (int cc = 0; cc < 32; ++cc) {
-              const int c = half * 32 + cc;
-              const int64_t j = c0 + c;
-              if (j >= p.m) break;
-              const bool excl = tm::is_self(i, j, p.self_offset);
-              float w, lw;
-              pair_weight(p, i, j, ql, sm.lab_c[c], w, lw);
-              acc += tm::fexp(tm::k1_term(sm.s[r][c], w, lw, excl, p.lk1) - mn);
-            }
-          }
-          sum = tm::lse_rescale(m, sum, mn) + acc;
-          m = mn;
-        }
-      } else {
-        for (int c = half * 32; c < half * 32 + 32; ++c) {
-          const int64_t j = c0 + c;
-          if (j >= p.m) break;
-          const bool excl = tm::is_self(i, j, p.self_offset);
-          float w, lw;
-          pair_weight(p, i, j, ql, sm.lab_c[c], w, lw);
-          const float mm = tm::pos_mass(w, excl);
-          if (mm != 0.f) {
-            const float x = tm::sp_arg(sm.s[r][c], eta, p.scale);
-            a1 += mm * tm::softplus(x);
-            a2 += mm * tm::sigmoid(x);
-          }
-        }
-      }
-    }
+    fwd_tile<MODE>(p, sm.s, sm.lab_c, c0, x);
     __syncthreads();
   }
-  // Merge the two half-rows (threads 2r and 2r+1 share a warp).
-  const float m2 = __shfl_xor_sync(0xffffffffu, m, 1);
-  const float sum2 = __shfl_xor_sync(0xffffffffu, sum, 1);
-  a1 += __shfl_xor_sync(0xffffffffu, a1, 1);
-  a2 += __shfl_xor_sync(0xffffffffu, a2, 1);
-  if (MODE == kLse) tm::lse_merge(m, sum, m2, sum2);
-  if (row_ok && half == 0) {
-    if (MODE == kLse) {
-      p.out0[i] = tm::lse_finish(m, sum);
-      p.out1[i] = a1;
-      p.out2[i] = a2;
-    } else {
-      p.out0[i] = a1;
-      p.out1[i] = a2;
-    }
-  }
+  fwd_finish<MODE>(p, x);
 }
+
+// ---- backward ------------------------------------------------------------------------------
+// TRANS = false: rows are anchors (output dq), tiles stream over columns of k.
+// TRANS = true:  rows are columns of k (output dk), tiles stream over anchors of q.
+// SYM (q = k = z, qlab = klab, self_offset = 0; TRANS = false): output dz = dq + dk in one
+//   launch, dz_a = Σ_b (G_ab + G_ba)·z_b: S_ab = S_ba serves both terms, so S is computed once
+//   per tile instead of once in each of two launches.
 
 // Per-pair gradient G_ij of anchor i (statistics a, b, c) and column j.
 template <int MODE>
@@ -362,13 +454,11 @@ __device__ __forceinline__ float pair_grad(const Params& p, int64_t i, int64_t j
   return tm::sp_pair_grad(s, tm::pos_mass(w, excl), a, b, p.scale);
 }
 
-// ---- backward ------------------------------------------------------------------------------
-// Statistics of anchor ia into slot threadIdx.x: lse op g_lse, finite lse, g_psum; sp op g_sp,
-// eta (zeros past the last anchor).
+// Statistics of anchor ia into slot t: lse op g_lse, finite lse, g_psum; sp op g_sp, eta
+// (zeros past the last anchor).
 template <int MODE>
-__device__ __forceinline__ void load_stats(const Params& p, int64_t ia, bool ok, float* a,
+__device__ __forceinline__ void load_stats(const Params& p, int t, int64_t ia, bool ok, float* a,
                                            float* b, float* c) {
-  const int t = threadIdx.x;
   a[t] = ok ? p.g_lse[ia] : 0.f;
   if (MODE == kLse) {
     b[t] = ok ? tm::finite_or_zero(p.lse[ia]) : 0.f;
@@ -379,12 +469,81 @@ __device__ __forceinline__ void load_stats(const Params& p, int64_t ia, bool ok,
   }
 }
 
-// TRANS = false: rows are anchors (output dq), tiles stream over columns of k.
-// TRANS = true:  rows are columns of k (output dk), tiles stream over anchors of q.
-// SYM (q = k = z, qlab = klab, self_offset = 0; TRANS = false): output dz = dq + dk in one
-//   launch, dz_a = Σ_b (G_ab + G_ba)·z_b: S_ab = S_ba serves both terms, so S is computed once
-//   per tile instead of once in each of two launches.
-// The CTA's output is rows [r0, r0 + 64) × D columns [dv0, dv0 + 64·NCH).
+// Labels of the row block (threads < 64), once per CTA.
+template <bool TRANS, typename SM>
+__device__ __forceinline__ void bwd_row_labels(const Params& p, SM& sm, int64_t r0,
+                                               int64_t n_rows) {
+  if (threadIdx.x < kBM) {
+    const int64_t g = r0 + threadIdx.x;
+    sm.lab_r[threadIdx.x] = g < n_rows ? (TRANS ? p.klab[g] : p.qlab[g]) : 0;
+  }
+}
+
+// The tile's column labels and the anchors' statistics (threads < 64): the rows' (the tile's
+// columns' when TRANS) in row_*, and for SYM the columns' too, in col_*.
+template <int MODE, bool TRANS, bool SYM, typename SM>
+__device__ __forceinline__ void bwd_tile_stats(const Params& p, SM& sm, int64_t r0, int64_t c0,
+                                               int64_t n_cols) {
+  if (threadIdx.x < kBN) {
+    const int t = threadIdx.x;
+    const int64_t g = c0 + t;
+    const bool ok = g < n_cols;
+    sm.lab_c[t] = ok ? (TRANS ? p.qlab[g] : p.klab[g]) : 0;
+    const int64_t ia = TRANS ? g : r0 + t;
+    load_stats<MODE>(p, t, ia, ia < p.n, sm.row_a, sm.row_b, sm.row_c);
+    if (SYM) load_stats<MODE>(p, t, g, ok, sm.col_a, sm.col_b, sm.col_c);
+  }
+}
+
+// G of the tile from S (sm.s), once per tile: in place (float32), or into sm.p in the input
+// dtype for the tensor-core product. Zero outside [n_rows) × [n_cols).
+template <typename T, int MODE, bool TRANS, bool SYM, typename SM>
+__device__ __forceinline__ void bwd_tile_grad(const Params& p, SM& sm, int64_t r0, int64_t c0,
+                                              int64_t n_rows, int64_t n_cols) {
+  for (int e = threadIdx.x; e < kBM * kBN; e += kThreads) {
+    const int a = e / kBN, b = e % kBN;
+    const int64_t ga = r0 + a, gb = c0 + b;
+    const int64_t i = TRANS ? gb : ga, j = TRANS ? ga : gb;
+    const int si = TRANS ? b : a;  // index of anchor i in the statistics arrays
+    float g = 0.f;
+    if (ga < n_rows && gb < n_cols) {
+      const float sv = sm.s[a][b];
+      // Labels of anchor i and column j (the tile's rows are columns of k when TRANS).
+      const int64_t li = TRANS ? sm.lab_c[b] : sm.lab_r[a];
+      const int64_t lj = TRANS ? sm.lab_r[a] : sm.lab_c[b];
+      g = pair_grad<MODE>(p, i, j, li, lj, sv, sm.row_a[si], sm.row_b[si], sm.row_c[si]);
+      if (SYM) g += pair_grad<MODE>(p, j, i, lj, li, sv, sm.col_a[b], sm.col_b[b], sm.col_c[b]);
+    }
+    if constexpr (IsFloat<T>::value) {
+      sm.s[a][b] = g;
+    } else {
+      sm.p[a][b] = from_f<T>(g);
+    }
+  }
+}
+
+// Write a 16-bit CTA's accumulator chunk (rows r0..., D columns dv...) through sm.s. Starts
+// and ends with a barrier (sm.s is free before, and read by every thread after).
+template <typename T, typename SM, typename Frag>
+__device__ __forceinline__ void bwd_store_chunk(const Params& p, SM& sm, const Frag (&acc)[4],
+                                                int64_t r0, int64_t n_rows, int64_t dv) {
+  const int warp = threadIdx.x / 32;
+  __syncthreads();
+#pragma unroll
+  for (int b = 0; b < 4; ++b)
+    nvcuda::wmma::store_matrix_sync(&sm.s[warp * 16][b * 16], acc[b], kBN + kSPad,
+                                    nvcuda::wmma::mem_row_major);
+  __syncthreads();
+  T* out = static_cast<T*>(p.grad);
+  for (int e = threadIdx.x; e < kBM * kBD; e += kThreads) {
+    const int a = e / kBD, c = e % kBD;
+    const int64_t gr = r0 + a, gc = dv + c;
+    if (gr < n_rows && gc < p.d) out[gr * p.d + gc] = from_f<T>(sm.s[a][c]);
+  }
+}
+
+// The streamed backward: the CTA's output is rows [r0, r0 + 64) × D columns
+// [dv0, dv0 + 64·NCH); A and B stream through the staging slices, V_h through sm.u.v.
 template <typename T, int MODE, bool TRANS, bool SYM, int NCH>
 __global__ void __launch_bounds__(kThreads, 2) bwd_kernel(Params p) {
   using G = Geo<T>;
@@ -413,42 +572,11 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_kernel(Params p) {
 #pragma unroll
       for (int b = 0; b < 4; ++b) nvcuda::wmma::fill_fragment(facc[h][b], 0.f);
   }
-  if (threadIdx.x < kBM) {
-    const int64_t g = r0 + threadIdx.x;
-    sm.lab_r[threadIdx.x] = g < n_rows ? (TRANS ? p.klab[g] : p.qlab[g]) : 0;
-  }
+  bwd_row_labels<TRANS>(p, sm, r0, n_rows);
   for (int64_t c0 = 0; c0 < n_cols; c0 += kBN) {
-    if (threadIdx.x < kBN) {
-      const int64_t g = c0 + threadIdx.x;
-      const bool ok = g < n_cols;
-      sm.lab_c[threadIdx.x] = ok ? (TRANS ? p.qlab[g] : p.klab[g]) : 0;
-      // Per-anchor statistics of the tile's anchors (the rows, or the columns when TRANS).
-      const int64_t ia = TRANS ? g : r0 + threadIdx.x;
-      const bool ia_ok = ia < p.n;
-      load_stats<MODE>(p, ia, ia_ok, sm.row_a, sm.row_b, sm.row_c);
-      if (SYM) load_stats<MODE>(p, g, ok, sm.col_a, sm.col_b, sm.col_c);
-    }
+    bwd_tile_stats<MODE, TRANS, SYM>(p, sm, r0, c0, n_cols);
     tile_product(sm, rows_x, n_rows, cols_x, n_cols, p.d, r0, c0, p.vec);
-    // G once per tile: in place (float32), or in the input dtype for the tensor-core product.
-    for (int e = threadIdx.x; e < kBM * kBN; e += kThreads) {
-      const int a = e / kBN, b = e % kBN;
-      const int64_t ga = r0 + a, gb = c0 + b;
-      const int64_t i = TRANS ? gb : ga, j = TRANS ? ga : gb;
-      const int si = TRANS ? b : a;  // index of anchor i in the statistics arrays
-      float g = 0.f;
-      if (ga < n_rows && gb < n_cols) {
-        const float s = sm.s[a][b];
-        // Labels of anchor i and column j (the tile's rows are columns of k when TRANS).
-        const int64_t li = TRANS ? sm.lab_c[b] : sm.lab_r[a], lj = TRANS ? sm.lab_r[a] : sm.lab_c[b];
-        g = pair_grad<MODE>(p, i, j, li, lj, s, sm.row_a[si], sm.row_b[si], sm.row_c[si]);
-        if (SYM) g += pair_grad<MODE>(p, j, i, lj, li, s, sm.col_a[b], sm.col_b[b], sm.col_c[b]);
-      }
-      if constexpr (G::kF32) {
-        sm.s[a][b] = g;
-      } else {
-        sm.p[a][b] = from_f<T>(g);
-      }
-    }
+    bwd_tile_grad<T, MODE, TRANS, SYM>(p, sm, r0, c0, n_rows, n_cols);
     // acc[h] += G · V_h, V_h = the tile's vectors, D columns [dv0 + 64h, dv0 + 64h + 64).
 #pragma unroll
     for (int h = 0; h < NCH; ++h) {
@@ -475,11 +603,11 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_kernel(Params p) {
 #pragma unroll
         for (int kk = 0; kk < kBN; kk += 16) {
           wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-          wmma::load_matrix_sync(fa, &sm.p[warp * 16][kk], G::kPLd);
+          ld_frag(fa, &sm.p[warp * 16][kk], G::kPLd);
 #pragma unroll
           for (int b = 0; b < 4; ++b) {
             wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-            wmma::load_matrix_sync(fb, &sm.u.v[kk][b * 16], G::kVLd);
+            ld_frag(fb, &sm.u.v[kk][b * 16], G::kVLd);
             wmma::mma_sync(facc[h][b], fa, fb, facc[h][b]);
           }
         }
@@ -488,12 +616,12 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_kernel(Params p) {
     __syncthreads();
   }
   // Write the 64 × (64·NCH) output block.
-  T* out = static_cast<T*>(p.grad);
 #pragma unroll
   for (int h = 0; h < NCH; ++h) {
     const int64_t dv = dv0 + h * kBD;
     if (dv >= p.d) break;
     if constexpr (G::kF32) {
+      T* out = static_cast<T*>(p.grad);
 #pragma unroll
       for (int a = 0; a < 4; ++a)
 #pragma unroll
@@ -502,22 +630,189 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_kernel(Params p) {
           if (gr < n_rows && gc < p.d) out[gr * p.d + gc] = acc[h][a][b];
         }
     } else {
-      if (h > 0) __syncthreads();  // every thread is done reading the previous chunk from s
-#pragma unroll
-      for (int b = 0; b < 4; ++b)
-        nvcuda::wmma::store_matrix_sync(&sm.s[warp * 16][b * 16], facc[h][b], kBN + kSPad,
-                                        nvcuda::wmma::mem_row_major);
-      __syncthreads();
-      for (int e = threadIdx.x; e < kBM * kBD; e += kThreads) {
-        const int a = e / kBD, c = e % kBD;
-        const int64_t gr = r0 + a, gc = dv + c;
-        if (gr < n_rows && gc < p.d) out[gr * p.d + gc] = from_f<T>(sm.s[a][c]);
-      }
+      bwd_store_chunk<T>(p, sm, facc[h], r0, n_rows, dv);
     }
   }
 }
 
+// ---- resident row block, pipelined column tiles (16-bit, 0 < D <= DP, DP = 64 or 128) -------
+// The CTA's 64 rows × DP columns stay in shared memory for the whole column sweep; each column
+// tile (64 × DP) arrives by cp.async into one of two buffers while the previous tile is being
+// used, and serves both S = A·Bᵀ and, in the backward, G·B (B's rows are the tile's vectors),
+// so a tile of z is read from global memory once per CTA and tile, and the CTA waits on global
+// memory only where the prefetch has not landed yet. Needs 16-byte aligned rows (vec).
+// Dynamic shared memory: 79.5 KiB at DP = 128 (two CTAs per SM on sm_80 and sm_90).
+template <typename T, int DP>
+struct alignas(128) ResSmem {
+  static constexpr int kLd = DP + 8;  // row pitch: a multiple of 16 bytes, off the banks' period
+  float s[kBM][kBN + kSPad];
+  alignas(128) T a[kBM][kLd];
+  alignas(128) T b[2][kBN][kLd];
+  alignas(32) T p[kBM][kBN + 8];
+  float row_a[kBM], row_b[kBM], row_c[kBM];
+  float col_a[kBN], col_b[kBN], col_c[kBN];
+  int64_t lab_r[kBM], lab_c[kBN];
+};
+
+#if !defined(FLASHCON_CUDA_EMU)
+#define FLASHCON_DYN_SMEM(Type, name)                                \
+  extern __shared__ __align__(128) unsigned char flashcon_dyn_smem[]; \
+  Type& name = *reinterpret_cast<Type*>(flashcon_dyn_smem)
+// 16 bytes global -> shared, asynchronous (sm_80+); valid = false writes 16 zero bytes.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  const unsigned saddr = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  const int bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(saddr), "l"(src),
+               "r"(bytes)
+               : "memory");
+}
+#define FLASHCON_CP_ASYNC16(dst, src, valid) cp_async16((dst), (src), (valid))
+#define FLASHCON_CP_COMMIT() asm volatile("cp.async.commit_group;\n" ::: "memory")
+#define FLASHCON_CP_WAIT(keep) asm volatile("cp.async.wait_group %0;\n" ::"n"(keep) : "memory")
+#endif
+
+// dst[r][c] <- x[r0 + r][c] for r < 64, c < DP (zero outside [rows) × [d)), by 16-byte
+// cp.async (d % 8 == 0: an 8-element chunk is wholly inside or outside [d)).
+template <int DP, typename T, int LD>
+__device__ __forceinline__ void load_tile_async(T (*dst)[LD], const T* x, int64_t rows, int64_t d,
+                                                int64_t r0) {
+  constexpr int kC = DP / 8;
+  for (int e = threadIdx.x; e < kBM * kC; e += kThreads) {
+    const int r = e / kC, c = (e % kC) * 8;
+    const int64_t gr = r0 + r;
+    const bool ok = gr < rows && c < d;
+    FLASHCON_CP_ASYNC16(&dst[r][c], ok ? x + gr * d + c : x, ok);
+  }
+}
+
+// Issue the next tile (if any) into buffer nxt, then wait until everything before it (the
+// current tile, and at the start the row block) has landed for every thread.
+template <int DP, typename T, int LD>
+__device__ __forceinline__ void res_advance(T (*nxt)[LD], const T* x, int64_t n, int64_t d,
+                                            int64_t c_next) {
+  if (c_next < n) load_tile_async<DP>(nxt, x, n, d, c_next);
+  FLASHCON_CP_COMMIT();  // possibly empty: keeps one group per tile
+  FLASHCON_CP_WAIT(1);
+  __syncthreads();
+}
+
+// s = A · B[buf]ᵀ over DP columns (WMMA; warp w: rows [16w, 16w+16)). Ends with a barrier.
+template <typename T, int DP>
+__device__ __forceinline__ void res_product(ResSmem<T, DP>& sm, int buf) {
+  using namespace nvcuda;
+  constexpr int ld = ResSmem<T, DP>::kLd;
+  const int warp = threadIdx.x / 32;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[j], 0.f);
+#pragma unroll
+  for (int kk = 0; kk < DP; kk += 16) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+    ld_frag(fa, &sm.a[warp * 16][kk], ld);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+      ld_frag(fb, &sm.b[buf][j * 16][kk], ld);
+      wmma::mma_sync(acc[j], fa, fb, acc[j]);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+    wmma::store_matrix_sync(&sm.s[warp * 16][j * 16], acc[j], kBN + kSPad, wmma::mem_row_major);
+  __syncthreads();
+}
+
+template <typename T, int MODE, int DP>
+__global__ void __launch_bounds__(kThreads, 2) fwd_res_kernel(Params p) {
+  using SmemT = ResSmem<T, DP>;
+  FLASHCON_DYN_SMEM(SmemT, sm);
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kBM;
+  FwdRow x = fwd_row<MODE>(p, r0);
+  load_tile_async<DP>(sm.a, q, p.n, p.d, r0);
+  load_tile_async<DP>(sm.b[0], k, p.m, p.d, 0);
+  FLASHCON_CP_COMMIT();
+  int buf = 0;
+  for (int64_t c0 = 0; c0 < p.m; c0 += kBN, buf ^= 1) {
+    load_col_labels(p.klab, p.m, c0, sm.lab_c);
+    res_advance<DP>(sm.b[buf ^ 1], k, p.m, p.d, c0 + kBN);
+    res_product(sm, buf);
+    fwd_tile<MODE>(p, sm.s, sm.lab_c, c0, x);
+    __syncthreads();  // s, lab_c and B[buf] are free for the next tile
+  }
+  FLASHCON_CP_WAIT(0);
+  fwd_finish<MODE>(p, x);
+}
+
+template <typename T, int MODE, bool TRANS, bool SYM, int DP>
+__global__ void __launch_bounds__(kThreads, 2) bwd_res_kernel(Params p) {
+  using namespace nvcuda;
+  constexpr int NCH = DP / kBD;
+  using SmemT = ResSmem<T, DP>;
+  constexpr int ld = SmemT::kLd;
+  FLASHCON_DYN_SMEM(SmemT, sm);
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* rows_x = TRANS ? k : q;
+  const T* cols_x = TRANS ? q : k;
+  const int64_t n_rows = TRANS ? p.m : p.n, n_cols = TRANS ? p.n : p.m;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kBM;
+  const int warp = threadIdx.x / 32;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> facc[NCH][4];
+#pragma unroll
+  for (int h = 0; h < NCH; ++h)
+#pragma unroll
+    for (int b = 0; b < 4; ++b) wmma::fill_fragment(facc[h][b], 0.f);
+  bwd_row_labels<TRANS>(p, sm, r0, n_rows);
+  load_tile_async<DP>(sm.a, rows_x, n_rows, p.d, r0);
+  load_tile_async<DP>(sm.b[0], cols_x, n_cols, p.d, 0);
+  FLASHCON_CP_COMMIT();
+  int buf = 0;
+  for (int64_t c0 = 0; c0 < n_cols; c0 += kBN, buf ^= 1) {
+    bwd_tile_stats<MODE, TRANS, SYM>(p, sm, r0, c0, n_cols);
+    res_advance<DP>(sm.b[buf ^ 1], cols_x, n_cols, p.d, c0 + kBN);
+    res_product(sm, buf);
+    bwd_tile_grad<T, MODE, TRANS, SYM>(p, sm, r0, c0, n_rows, n_cols);
+    __syncthreads();
+    // facc[h] += G · B[buf][:, 64h : 64h + 64] (B's rows are the tile's vectors).
+#pragma unroll
+    for (int kk = 0; kk < kBN; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+      ld_frag(fa, &sm.p[warp * 16][kk], kBN + 8);
+#pragma unroll
+      for (int h = 0; h < NCH; ++h)
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+          ld_frag(fb, &sm.b[buf][kk][h * kBD + b * 16], ld);
+          wmma::mma_sync(facc[h][b], fa, fb, facc[h][b]);
+        }
+    }
+    __syncthreads();  // s, p, the statistics and B[buf] are free for the next tile
+  }
+  FLASHCON_CP_WAIT(0);
+#pragma unroll
+  for (int h = 0; h < NCH; ++h) {
+    if (h * kBD >= p.d) break;
+    bwd_store_chunk<T>(p, sm, facc[h], r0, n_rows, h * kBD);
+  }
+}
+
 // ---- launch plans (host) -------------------------------------------------------------------
+
+#if !defined(FLASHCON_CUDA_EMU)
+// A launch with `smem` bytes of dynamic shared memory (over the 48 KiB default: opted in).
+template <typename... KArgs, typename... Args>
+cudaError_t launch_dyn(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                       cudaStream_t stream, Args... args) {
+  const cudaError_t err = cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, block, smem, stream>>>(args...);
+  return cudaGetLastError();
+}
+#endif
 
 inline int blocks(int64_t x, int64_t b) { return static_cast<int>((x + b - 1) / b); }
 
@@ -535,11 +830,29 @@ inline void set_lse_weights(Params& p, double w_pos, double w_neg, double k1) {
   p.has_k1 = k1 > 0;
 }
 
+// The resident kernels' width DP (64 or 128) where they apply: 16-bit, 16-byte staging,
+// 0 < D <= 128; 0 where the streamed kernels run.
+template <typename T>
+int resident_width(const Params& p) {
+  if (IsFloat<T>::value || !p.vec || p.no_resident || p.d <= 0 || p.d > 128) return 0;
+  return p.d <= 64 ? 64 : 128;
+}
+
 template <typename T, int MODE>
 cudaError_t launch_fwd(const Params& p, cudaStream_t stream) {
   if (p.n == 0) return cudaSuccess;
+  const dim3 grid(blocks(p.n, kBM));
+  if constexpr (!IsFloat<T>::value) {
+    const int dp = resident_width<T>(p);
+    auto* r64 = &fwd_res_kernel<T, MODE, 64>;
+    auto* r128 = &fwd_res_kernel<T, MODE, 128>;
+    if (dp == 64)
+      return FLASHCON_LAUNCH_DYN(r64, grid, dim3(kThreads), sizeof(ResSmem<T, 64>), stream, p);
+    if (dp == 128)
+      return FLASHCON_LAUNCH_DYN(r128, grid, dim3(kThreads), sizeof(ResSmem<T, 128>), stream, p);
+  }
   auto* kernel = &fwd_kernel<T, MODE>;
-  return FLASHCON_LAUNCH(kernel, dim3(blocks(p.n, kBM)), dim3(kThreads), stream, p);
+  return FLASHCON_LAUNCH(kernel, grid, dim3(kThreads), stream, p);
 }
 
 // D columns per backward CTA: up to 128 (S and G once per tile); grid.y covers the rest.
@@ -547,6 +860,16 @@ inline int bwd_chunks(int64_t d) { return d > kBD ? kMaxChunks : 1; }
 
 template <typename T, int MODE, bool TRANS, bool SYM = false>
 cudaError_t launch_bwd_one(const Params& p, int64_t rows, cudaStream_t stream) {
+  if constexpr (!IsFloat<T>::value) {
+    const int dp = resident_width<T>(p);
+    const dim3 grid(blocks(rows, kBM));
+    auto* r64 = &bwd_res_kernel<T, MODE, TRANS, SYM, 64>;
+    auto* r128 = &bwd_res_kernel<T, MODE, TRANS, SYM, 128>;
+    if (dp == 64)
+      return FLASHCON_LAUNCH_DYN(r64, grid, dim3(kThreads), sizeof(ResSmem<T, 64>), stream, p);
+    if (dp == 128)
+      return FLASHCON_LAUNCH_DYN(r128, grid, dim3(kThreads), sizeof(ResSmem<T, 128>), stream, p);
+  }
   const int nch = bwd_chunks(p.d);
   const dim3 grid(blocks(rows, kBM), std::max(1, blocks(p.d, kBD * nch)));
   auto* k1 = &bwd_kernel<T, MODE, TRANS, SYM, 1>;

@@ -15,6 +15,12 @@
 // only lane 0 stores, so a warp that reads a stored tile before a barrier reads poison. 16-byte
 // vector loads check their alignment. Products accumulate in float32, in k order.
 //
+// cp.async (16-byte global-to-shared copies in commit groups) copies nothing when issued: a
+// thread's groups land when that thread waits for them (cp.async.wait_group), so a kernel that
+// reads a tile before waiting, or before the barrier after the wait, reads poison or a stale
+// tile. A thread that returns with copies it never waited for aborts. Dynamic shared memory is
+// checked against the size the launch asked for.
+//
 // What this proves: index arithmetic, bounds, masking, barrier placement (within what real
 // concurrency exposes), alignment of WMMA and vector accesses, and the arithmetic. What it does
 // not: speed, bank conflicts, register or shared-memory limits (nvcc and tests/test_cpp_build.py
@@ -108,7 +114,16 @@ struct Cta {
   alignas(128) unsigned char smem[kSmemBytes];
 };
 
+struct PendingCopy {
+  void* dst;
+  const void* src;
+  bool valid;  // false: 16 zero bytes (cp.async's zero-fill)
+};
+
 inline thread_local uint3 tl_thread{0, 0, 0};
+inline thread_local std::vector<PendingCopy> tl_open;
+inline thread_local std::vector<std::vector<PendingCopy>> tl_groups;
+inline size_t g_dyn_smem = 0;
 inline thread_local uint3 tl_block{0, 0, 0};
 inline thread_local Cta* tl_cta = nullptr;
 inline dim3 g_block_dim, g_grid_dim;
@@ -140,18 +155,54 @@ T& smem_object() {
   return *reinterpret_cast<T*>(tl_cta->smem);
 }
 
+template <typename T>
+T& dyn_smem_object() {
+  if (sizeof(T) > g_dyn_smem) fail("dynamic shared memory object larger than the launch's");
+  return smem_object<T>();
+}
+
 inline void check_aligned(const void* p, size_t bytes, const char* what) {
   if (reinterpret_cast<uintptr_t>(p) % bytes != 0) fail(what);
 }
 
+inline void cp_async16(void* dst, const void* src, bool valid) {
+  check_aligned(dst, 16, "cp.async: shared address not 16-byte aligned");
+  if (valid) check_aligned(src, 16, "cp.async: global address not 16-byte aligned");
+  tl_open.push_back({dst, src, valid});
+}
+inline void cp_commit() {
+  tl_groups.push_back(std::move(tl_open));
+  tl_open.clear();
+}
+// Land all but the `keep` most recently committed groups.
+inline void cp_wait(size_t keep) {
+  while (tl_groups.size() > keep) {
+    for (const PendingCopy& c : tl_groups.front()) {
+      if (c.valid)
+        std::memcpy(c.dst, c.src, 16);
+      else
+        std::memset(c.dst, 0, 16);
+    }
+    tl_groups.erase(tl_groups.begin());
+  }
+}
+inline void cp_check_drained() {
+  if (!tl_open.empty()) fail("cp.async copies issued but never committed");
+  for (const auto& g : tl_groups)
+    if (!g.empty()) fail("cp.async copies never waited for");
+}
+
 // kernel<<<grid, block>>>(args...): CTAs in order, one OS thread per CUDA thread.
 template <typename... KArgs, typename... Args>
-cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, Args... args) {
+cudaError_t launch_dyn(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t dyn_smem,
+                       Args... args) {
+  if (dyn_smem > kSmemBytes) fail("dynamic shared memory request larger than an SM's");
   if (block.y != 1 || block.z != 1) fail("only 1-D thread blocks are emulated");
   const int nthreads = static_cast<int>(block.x);
   const int nwarps = (nthreads + 31) / 32;
   g_block_dim = block;
   g_grid_dim = grid;
+  g_dyn_smem = dyn_smem;
   auto cta = std::make_unique<Cta>();
   for (int w = 0; w < nwarps; ++w) cta->warps.push_back(std::make_unique<Barrier>());
   cta->xchg.assign(static_cast<size_t>(nwarps) * 32, 0);
@@ -170,6 +221,7 @@ cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, Args... args
             tl_block = {bx, by, bz};
             tl_cta = cta.get();
             kernel(args...);
+            cp_check_drained();
             cta->warps[t / 32]->drop();
             cta->block.drop();
           });
@@ -177,6 +229,11 @@ cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, Args... args
         for (auto& th : threads) th.join();
       }
   return cudaSuccess;
+}
+
+template <typename... KArgs, typename... Args>
+cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, Args... args) {
+  return launch_dyn(kernel, grid, block, 0, args...);
 }
 
 }  // namespace flashcon_emu
@@ -327,8 +384,14 @@ void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f,
 
 // ---- hooks of kernels.cuh -------------------------------------------------------------------
 #define FLASHCON_SMEM(Type, name) Type& name = ::flashcon_emu::smem_object<Type>()
+#define FLASHCON_DYN_SMEM(Type, name) Type& name = ::flashcon_emu::dyn_smem_object<Type>()
 #define FLASHCON_LAUNCH(kernel, grid, block, stream, ...) \
   ::flashcon_emu::launch(kernel, grid, block, __VA_ARGS__)
+#define FLASHCON_LAUNCH_DYN(kernel, grid, block, smem, stream, ...) \
+  ::flashcon_emu::launch_dyn(kernel, grid, block, smem, __VA_ARGS__)
+#define FLASHCON_CP_ASYNC16(dst, src, valid) ::flashcon_emu::cp_async16((dst), (src), (valid))
+#define FLASHCON_CP_COMMIT() ::flashcon_emu::cp_commit()
+#define FLASHCON_CP_WAIT(keep) ::flashcon_emu::cp_wait(keep)
 // 16-byte loads and stores (memcpy on the host: no aliasing assumptions).
 #define FLASHCON_LD16(p) (::flashcon_emu::check_aligned((p), 16, "misaligned 16-byte load"), \
                           ::flashcon_emu::ld16(p))

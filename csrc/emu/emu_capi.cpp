@@ -11,6 +11,7 @@
 //   op 4: sym_lse_bwd (q = k = z, as op 1) -> dz in dq
 //   op 5: sym_sp_bwd  (q = k = z, as op 3) -> dz in dq
 // dtype 0: float32, 1: float16, 2: bfloat16 (q, k, dq and dk in that dtype; the rest float32).
+// no_resident != 0 takes the streamed kernels where the launch plan would pick the resident ones.
 // Returns 0, or -1 for an unknown op or dtype.
 #include "../cuda/kernels.cuh"
 
@@ -45,7 +46,8 @@ extern "C" int fcemu_run(int op, int dtype, const void* q, const void* k, const 
                          int64_t self_offset, double scale, double w_pos, double w_neg, double k1,
                          int mode, const float* pw, const float* lpw, int64_t bq, int64_t bk,
                          const float* g0, const float* g1, const float* stat, const float* eta,
-                         float* out0, float* out1, float* out2, void* dq, void* dk) {
+                         float* out0, float* out1, float* out2, void* dq, void* dk,
+                         int no_resident) {
   fc::Params p{};
   p.q = q;
   p.k = k;
@@ -57,6 +59,7 @@ extern "C" int fcemu_run(int op, int dtype, const void* q, const void* k, const 
   p.self_offset = self_offset;
   p.scale = static_cast<float>(scale);
   p.vec = fc::vec_ok(q, k, d, dtype == 0 ? 4 : 2);
+  p.no_resident = no_resident != 0;
   fc::set_lse_weights(p, w_pos, w_neg, k1);
   p.mode = mode;
   p.pw = pw;
@@ -86,4 +89,12 @@ extern "C" int fcemu_run(int op, int dtype, const void* q, const void* k, const 
 // property the vectorised path depends on).
 extern "C" int fcemu_vec_ok(const void* q, const void* k, int64_t d, int elem_bytes) {
   return fc::vec_ok(q, k, d, elem_bytes) ? 1 : 0;
+}
+
+// The width of the resident kernels the launch plan picks (0: the streamed kernels).
+extern "C" int fcemu_resident_width(int dtype, const void* q, const void* k, int64_t d) {
+  fc::Params p{};
+  p.d = d;
+  p.vec = fc::vec_ok(q, k, d, dtype == 0 ? 4 : 2);
+  return dtype == 0 ? fc::resident_width<float>(p) : fc::resident_width<__half>(p);
 }
