@@ -15,7 +15,9 @@ Environment switches (read at build time):
 ``FLASHCON_FORCE_CUDA=1``
     Fail the build instead of silently dropping the CUDA kernels when they cannot be built.
 ``TORCH_CUDA_ARCH_LIST``
-    Architectures of the CUDA kernels; default ``8.0;9.0`` when no GPU is visible.
+    Architectures of the CUDA kernels; default ``8.0;9.0`` when no GPU is visible. The kernels
+    need sm_80 or newer (cp.async, bfloat16 tensor cores): a list (or, unset, a visible GPU)
+    below 8.0 builds the CPU kernels only (an error under ``FLASHCON_FORCE_CUDA``).
 ``CUDA_HOME``
     CUDA toolkit root. When unset it is derived from the real ``nvcc`` (following wrapper
     scripts), because torch's guess from a wrapper on the PATH can point at a folder with no
@@ -107,6 +109,25 @@ def _max_jobs() -> None:
     os.environ["MAX_JOBS"] = str(jobs)
 
 
+def _old_archs(torch) -> list[str]:
+    """Target architectures below sm_80 (the CUDA kernels use cp.async and bf16 tensor cores):
+    from TORCH_CUDA_ARCH_LIST, or the visible GPUs when it is unset."""
+    listed = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    if listed:
+        archs = [a for a in re.split(r"[;\s]+", listed) if a]
+        old = []
+        for a in archs:
+            m = re.match(r"(\d+)\.(\d+)", a)
+            if m and (int(m.group(1)), int(m.group(2))) < (8, 0):
+                old.append(a)
+        return old
+    try:
+        caps = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # noqa: BLE001 - a broken driver must not break the build
+        return []
+    return [f"{a}.{b}" for a, b in caps if (a, b) < (8, 0)]
+
+
 def _extensions() -> tuple[list, dict]:
     if _flag("FLASHCON_SKIP_EXT"):
         _log("FLASHCON_SKIP_EXT set: building no extension")
@@ -139,6 +160,11 @@ def _extensions() -> tuple[list, dict]:
             torch_major = int(torch.version.cuda.split(".")[0])
             if major != torch_major:
                 why_not = f"nvcc CUDA {major} does not match torch's CUDA {torch.version.cuda}"
+            elif _old_archs(torch):
+                why_not = (
+                    f"the CUDA kernels need sm_80 or newer, and the targets include "
+                    f"{', '.join(_old_archs(torch))} (set TORCH_CUDA_ARCH_LIST to 8.0 or newer)"
+                )
     if want_cuda and why_not:
         if _flag("FLASHCON_FORCE_CUDA"):
             raise RuntimeError(f"FLASHCON_FORCE_CUDA is set but CUDA cannot be built: {why_not}")

@@ -171,3 +171,32 @@ def test_tensor_core_code_shape():
     # 2 architectures × 2 dtypes × (streamed fwd: 2 modes; streamed bwd: 2 modes × 3 directions
     # × 2 chunk counts; resident fwd: 2 modes × 2 widths; resident bwd: 2 × 3 × 2 widths).
     assert checked == 2 * 2 * (2 + 12 + 4 + 12), f"{checked} 16-bit kernels found"
+
+
+def test_setup_refuses_targets_below_sm80(monkeypatch):
+    """setup.py builds the CUDA kernels only for sm_80 and newer (they use cp.async and bf16
+    tensor cores): an older entry of TORCH_CUDA_ARCH_LIST, or an older visible GPU when the list
+    is unset, is named (and the build falls back to the CPU kernels, or fails under
+    FLASHCON_FORCE_CUDA). A build for them would stop at a PTX assembler error instead."""
+    import ast
+    import types
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "setup.py")) as f:
+        tree = ast.parse(f.read())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_old_archs")
+    ns = {"os": os, "re": re}
+    exec(compile(ast.Module([fn], []), "setup.py", "exec"), ns)
+
+    def fake_torch(caps):
+        cuda = types.SimpleNamespace(
+            device_count=lambda: len(caps), get_device_capability=lambda i: caps[i]
+        )
+        return types.SimpleNamespace(cuda=cuda)
+
+    cases = [("8.0;9.0", [], []), ("7.5;8.0", [], ["7.5"]), ("8.6 9.0+PTX", [], []),
+             ("7.0 7.5", [], ["7.0", "7.5"]), ("", [(7, 5)], ["7.5"]), ("", [(9, 0)], []),
+             ("", [], [])]  # fmt: skip
+    for listed, caps, old in cases:
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", listed)
+        assert ns["_old_archs"](fake_torch(caps)) == old, (listed, caps)

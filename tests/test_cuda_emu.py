@@ -49,7 +49,7 @@ def emu(shared_once):
     lib.fcemu_run.restype = i32
     lib.fcemu_vec_ok.argtypes = [p, p, i64, i32]
     lib.fcemu_vec_ok.restype = i32
-    lib.fcemu_resident_width.argtypes = [i32, p, p, i64]
+    lib.fcemu_resident_width.argtypes = [i32, p, p, i64, i64, i64]
     lib.fcemu_resident_width.restype = i32
     return lib
 
@@ -110,10 +110,10 @@ class Emu:
 
 # (n, m, d, self_offset): 64-row blocks and 64-column tiles crossed and partial; D below one
 # staging slice, one and a half 16-bit slices (96: 16-byte staging), past the 128 columns one
-# backward CTA accumulates (130: two CTA columns, scalar staging) and D = 0; anchors with their
-# own column (0), a second view (45) and none (-1).
+# backward CTA accumulates (130: two CTA columns, scalar staging), D = 0 and no columns (M = 0:
+# k empty); anchors with their own column (0), a second view (45) and none (-1).
 SHAPES = [(130, 129, 96, 0), (70, 70, 130, 0), (45, 90, 40, 45), (20, 33, 64, -1),
-          (3, 5, 7, 0), (5, 6, 0, -1)]  # fmt: skip
+          (3, 5, 7, 0), (5, 6, 0, -1), (6, 0, 64, -1)]  # fmt: skip
 
 # Positive weights and lse weights: labels (SupCon), bitmask labels with TCL's k1, a
 # [Bq, Bk] pos_weight matrix with zeros (SupContrast's mask), and w_pos = 0 (SINCERE's
@@ -162,9 +162,9 @@ def _finite_part(got, want):
     return got[~none], want[~none]
 
 
-def _resident(dtype, d):
+def _resident(dtype, n, m, d):
     """Whether the launch plan picks the resident kernels (for 16-byte aligned rows)."""
-    return dtype != torch.float32 and 0 < d <= 128 and d % 8 == 0
+    return dtype != torch.float32 and n > 0 and m > 0 and 0 < d <= 128 and d % 8 == 0
 
 
 def _paths(shapes):
@@ -175,7 +175,7 @@ def _paths(shapes):
         for shape in shapes:
             sid = f"{name}-N{shape[0]}M{shape[1]}D{shape[2]}-self{shape[3]}"
             out.append(pytest.param(dtype, shape, False, id=sid))
-            if _resident(dtype, shape[2]):
+            if _resident(dtype, *shape[:3]):
                 out.append(pytest.param(dtype, shape, True, id=sid + "-streamed"))
     return out
 
@@ -237,17 +237,20 @@ def test_vectorised_staging_needs_alignment(emu):
 
 def test_launch_plan_picks_resident_kernels(emu):
     """The resident kernels (cp.async of 16-byte chunks) only for 16-bit rows of D <= 128
-    elements, D % 8 == 0, 16-byte aligned; 64 columns wide up to D = 64, 128 beyond."""
+    elements, D % 8 == 0, 16-byte aligned, q and k not empty (an empty tensor's pointer may be
+    null); 64 columns wide up to D = 64, 128 beyond."""
     buf = torch.zeros(4096, dtype=torch.bfloat16)
     base = buf.data_ptr()
     want = {8: 64, 40: 64, 64: 64, 72: 128, 96: 128, 128: 128, 136: 0, 36: 0, 7: 0, 0: 0}
     for d, width in want.items():
         for dtype in (1, 2):
-            assert emu.fcemu_resident_width(dtype, base, base, d) == width, (dtype, d)
-        assert _resident(torch.bfloat16, d) == (width > 0), d
-    assert emu.fcemu_resident_width(0, base, base, 64) == 0  # float32
-    assert emu.fcemu_resident_width(2, base + 2, base, 64) == 0  # misaligned q
-    assert emu.fcemu_resident_width(2, base, base + 8, 64) == 0  # misaligned k
+            assert emu.fcemu_resident_width(dtype, base, base, 9, 5, d) == width, (dtype, d)
+        assert _resident(torch.bfloat16, 9, 5, d) == (width > 0), d
+    assert emu.fcemu_resident_width(0, base, base, 9, 5, 64) == 0  # float32
+    assert emu.fcemu_resident_width(2, base + 2, base, 9, 5, 64) == 0  # misaligned q
+    assert emu.fcemu_resident_width(2, base, base + 8, 9, 5, 64) == 0  # misaligned k
+    assert emu.fcemu_resident_width(2, base, None, 9, 0, 64) == 0  # k empty
+    assert emu.fcemu_resident_width(2, None, base, 0, 5, 64) == 0  # q empty
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

@@ -45,6 +45,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "flashcon's CUDA kernels need sm_80 or newer (cp.async, bfloat16 tensor cores): set TORCH_CUDA_ARCH_LIST to 8.0 or newer"
+#endif
 #define FLASHCON_SMEM(Type, name) __shared__ Type name
 #define FLASHCON_LD16(p) (*reinterpret_cast<const uint4*>(p))
 #define FLASHCON_ST16(p, v) (*reinterpret_cast<uint4*>(p) = (v))
@@ -802,12 +805,16 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_res_kernel(Params p) {
 // ---- launch plans (host) -------------------------------------------------------------------
 
 #if !defined(FLASHCON_CUDA_EMU)
-// A launch with `smem` bytes of dynamic shared memory (over the 48 KiB default: opted in).
+// A launch with `smem` bytes of dynamic shared memory (over the 48 KiB default: opted in), with
+// the SM's L1/shared split asked to favour shared memory (two resident CTAs need 161 KiB).
 template <typename... KArgs, typename... Args>
 cudaError_t launch_dyn(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
                        cudaStream_t stream, Args... args) {
-  const cudaError_t err = cudaFuncSetAttribute(
-      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                             cudaSharedmemCarveoutMaxShared);
   if (err != cudaSuccess) return err;
   kernel<<<grid, block, smem, stream>>>(args...);
   return cudaGetLastError();
@@ -831,10 +838,11 @@ inline void set_lse_weights(Params& p, double w_pos, double w_neg, double k1) {
 }
 
 // The resident kernels' width DP (64 or 128) where they apply: 16-bit, 16-byte staging,
-// 0 < D <= 128; 0 where the streamed kernels run.
+// 0 < D <= 128, q and k not empty; 0 where the streamed kernels run.
 template <typename T>
 int resident_width(const Params& p) {
   if (IsFloat<T>::value || !p.vec || p.no_resident || p.d <= 0 || p.d > 128) return 0;
+  if (p.n <= 0 || p.m <= 0) return 0;  // nothing to pipeline (and an empty operand may be null)
   return p.d <= 64 ? 64 : 128;
 }
 

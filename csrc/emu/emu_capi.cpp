@@ -92,8 +92,11 @@ extern "C" int fcemu_vec_ok(const void* q, const void* k, int64_t d, int elem_by
 }
 
 // The width of the resident kernels the launch plan picks (0: the streamed kernels).
-extern "C" int fcemu_resident_width(int dtype, const void* q, const void* k, int64_t d) {
+extern "C" int fcemu_resident_width(int dtype, const void* q, const void* k, int64_t n,
+                                    int64_t m, int64_t d) {
   fc::Params p{};
+  p.n = n;
+  p.m = m;
   p.d = d;
   p.vec = fc::vec_ok(q, k, d, dtype == 0 ? 4 : 2);
   return dtype == 0 ? fc::resident_width<float>(p) : fc::resident_width<__half>(p);
