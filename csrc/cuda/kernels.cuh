@@ -472,6 +472,21 @@ __device__ __forceinline__ void load_stats(const Params& p, int t, int64_t ia, b
   }
 }
 
+// The backward's operands: the output's rows and the tiles' columns, and their counts.
+template <typename T>
+struct BwdOperands {
+  const T* rows_x;
+  const T* cols_x;
+  int64_t n_rows, n_cols;
+};
+
+template <typename T, bool TRANS>
+__device__ __forceinline__ BwdOperands<T> bwd_operands(const Params& p) {
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  return {TRANS ? k : q, TRANS ? q : k, TRANS ? p.m : p.n, TRANS ? p.n : p.m};
+}
+
 // Labels of the row block (threads < 64), once per CTA.
 template <bool TRANS, typename SM>
 __device__ __forceinline__ void bwd_row_labels(const Params& p, SM& sm, int64_t r0,
@@ -551,11 +566,7 @@ template <typename T, int MODE, bool TRANS, bool SYM, int NCH>
 __global__ void __launch_bounds__(kThreads, 2) bwd_kernel(Params p) {
   using G = Geo<T>;
   FLASHCON_SMEM(Smem<T>, sm);
-  const T* q = static_cast<const T*>(p.q);
-  const T* k = static_cast<const T*>(p.k);
-  const T* rows_x = TRANS ? k : q;
-  const T* cols_x = TRANS ? q : k;
-  const int64_t n_rows = TRANS ? p.m : p.n, n_cols = TRANS ? p.n : p.m;
+  const auto [rows_x, cols_x, n_rows, n_cols] = bwd_operands<T, TRANS>(p);
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kBM;
   const int64_t dv0 = static_cast<int64_t>(blockIdx.y) * (kBD * NCH);
   const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
@@ -755,11 +766,7 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_res_kernel(Params p) {
   using SmemT = ResSmem<T, DP>;
   constexpr int ld = SmemT::kLd;
   FLASHCON_DYN_SMEM(SmemT, sm);
-  const T* q = static_cast<const T*>(p.q);
-  const T* k = static_cast<const T*>(p.k);
-  const T* rows_x = TRANS ? k : q;
-  const T* cols_x = TRANS ? q : k;
-  const int64_t n_rows = TRANS ? p.m : p.n, n_cols = TRANS ? p.n : p.m;
+  const auto [rows_x, cols_x, n_rows, n_cols] = bwd_operands<T, TRANS>(p);
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kBM;
   const int warp = threadIdx.x / 32;
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> facc[NCH][4];
