@@ -655,17 +655,24 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_kernel(Params p) {
 // used, and serves both S = A·Bᵀ and, in the backward, G·B (B's rows are the tile's vectors),
 // so a tile of z is read from global memory once per CTA and tile, and the CTA waits on global
 // memory only where the prefetch has not landed yet. Needs 16-byte aligned rows (vec).
-// Dynamic shared memory: 79.5 KiB at DP = 128 (two CTAs per SM on sm_80 and sm_90).
+// Dynamic shared memory at DP = 128: 68.5 KiB in the forward (three CTAs per SM on sm_90, two
+// on sm_80), 79.5 KiB in the backward (two).
 template <typename T, int DP>
-struct alignas(128) ResSmem {
+struct alignas(128) ResTiles {
   static constexpr int kLd = DP + 8;  // row pitch: a multiple of 16 bytes, off the banks' period
   float s[kBM][kBN + kSPad];
   alignas(128) T a[kBM][kLd];
   alignas(128) T b[2][kBN][kLd];
+  int64_t lab_c[kBN];
+};
+
+// The backward's: the tiles, G in the input dtype, the anchors' statistics and row labels.
+template <typename T, int DP>
+struct alignas(128) ResSmem : ResTiles<T, DP> {
   alignas(32) T p[kBM][kBN + 8];
   float row_a[kBM], row_b[kBM], row_c[kBM];
   float col_a[kBN], col_b[kBN], col_c[kBN];
-  int64_t lab_r[kBM], lab_c[kBN];
+  int64_t lab_r[kBM];
 };
 
 #if !defined(FLASHCON_CUDA_EMU)
@@ -712,9 +719,9 @@ __device__ __forceinline__ void res_advance(T (*nxt)[LD], const T* x, int64_t n,
 
 // s = A · B[buf]ᵀ over DP columns (WMMA; warp w: rows [16w, 16w+16)). Ends with a barrier.
 template <typename T, int DP>
-__device__ __forceinline__ void res_product(ResSmem<T, DP>& sm, int buf) {
+__device__ __forceinline__ void res_product(ResTiles<T, DP>& sm, int buf) {
   using namespace nvcuda;
-  constexpr int ld = ResSmem<T, DP>::kLd;
+  constexpr int ld = ResTiles<T, DP>::kLd;
   const int warp = threadIdx.x / 32;
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4];
 #pragma unroll
@@ -738,7 +745,7 @@ __device__ __forceinline__ void res_product(ResSmem<T, DP>& sm, int buf) {
 
 template <typename T, int MODE, int DP>
 __global__ void __launch_bounds__(kThreads, 2) fwd_res_kernel(Params p) {
-  using SmemT = ResSmem<T, DP>;
+  using SmemT = ResTiles<T, DP>;
   FLASHCON_DYN_SMEM(SmemT, sm);
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
@@ -764,7 +771,7 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_res_kernel(Params p) {
   using namespace nvcuda;
   constexpr int NCH = DP / kBD;
   using SmemT = ResSmem<T, DP>;
-  constexpr int ld = SmemT::kLd;
+  constexpr int ld = ResTiles<T, DP>::kLd;
   FLASHCON_DYN_SMEM(SmemT, sm);
   const auto [rows_x, cols_x, n_rows, n_cols] = bwd_operands<T, TRANS>(p);
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kBM;
@@ -862,9 +869,9 @@ cudaError_t launch_fwd(const Params& p, cudaStream_t stream) {
     auto* r64 = &fwd_res_kernel<T, MODE, 64>;
     auto* r128 = &fwd_res_kernel<T, MODE, 128>;
     if (dp == 64)
-      return FLASHCON_LAUNCH_DYN(r64, grid, dim3(kThreads), sizeof(ResSmem<T, 64>), stream, p);
+      return FLASHCON_LAUNCH_DYN(r64, grid, dim3(kThreads), sizeof(ResTiles<T, 64>), stream, p);
     if (dp == 128)
-      return FLASHCON_LAUNCH_DYN(r128, grid, dim3(kThreads), sizeof(ResSmem<T, 128>), stream, p);
+      return FLASHCON_LAUNCH_DYN(r128, grid, dim3(kThreads), sizeof(ResTiles<T, 128>), stream, p);
   }
   auto* kernel = &fwd_kernel<T, MODE>;
   return FLASHCON_LAUNCH(kernel, grid, dim3(kThreads), stream, p);
