@@ -160,10 +160,10 @@ def _extensions() -> tuple[list, dict]:
             torch_major = int(torch.version.cuda.split(".")[0])
             if major != torch_major:
                 why_not = f"nvcc CUDA {major} does not match torch's CUDA {torch.version.cuda}"
-            elif _old_archs(torch):
+            elif old := _old_archs(torch):
                 why_not = (
                     f"the CUDA kernels need sm_80 or newer, and the targets include "
-                    f"{', '.join(_old_archs(torch))} (set TORCH_CUDA_ARCH_LIST to 8.0 or newer)"
+                    f"{', '.join(old)} (set TORCH_CUDA_ARCH_LIST to 8.0 or newer)"
                 )
     if want_cuda and why_not:
         if _flag("FLASHCON_FORCE_CUDA"):

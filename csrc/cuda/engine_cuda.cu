@@ -41,27 +41,12 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
 }
 
 Params base_params(const Prepared& o, int64_t self_offset, double scale) {
-  Params p{};
-  p.mode = o.mode;
-  if (o.pw.defined()) {
-    p.pw = o.pw.data_ptr<float>();
-    p.lpw = o.lpw.data_ptr<float>();
-    p.bq = o.pw.size(0);
-    p.bk = o.pw.size(1);
-  } else {
-    p.bq = p.bk = 1;
-  }
-  p.q = o.q.data_ptr();
-  p.k = o.k.data_ptr();
-  p.qlab = o.ql.data_ptr<int64_t>();
-  p.klab = o.kl.data_ptr<int64_t>();
-  p.n = o.pr.n;
-  p.m = o.pr.m;
-  p.d = o.pr.d;
-  p.self_offset = self_offset;
-  p.scale = static_cast<float>(scale);
-  p.vec = vec_ok(p.q, p.k, p.d, static_cast<int>(o.q.element_size()));
-  return p;
+  const bool pw = o.pw.defined();
+  return make_params(o.q.data_ptr(), o.k.data_ptr(), static_cast<int>(o.q.element_size()),
+                     o.ql.data_ptr<int64_t>(), o.kl.data_ptr<int64_t>(), o.pr.n, o.pr.m, o.pr.d,
+                     self_offset, scale, o.mode, pw ? o.pw.data_ptr<float>() : nullptr,
+                     pw ? o.lpw.data_ptr<float>() : nullptr, pw ? o.pw.size(0) : 1,
+                     pw ? o.pw.size(1) : 1);
 }
 
 template <typename F>

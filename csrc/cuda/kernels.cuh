@@ -176,7 +176,7 @@ __device__ __forceinline__ void pair_weight(const Params& p, int64_t i, int64_t 
 }
 
 // Load a 16-bit WMMA operand tile from shared memory. For bfloat16 nvcc emits the generic-address
-// form of wmma.load (64-bit addresses, no ldmatrix; +140 registers per thread in these kernels)
+// form of wmma.load (64-bit addresses, no ldmatrix; up to ~100 more registers per thread here)
 // where it emits the .shared form for float16; the inline PTX is the same instruction with the
 // .shared state space, its four registers in the fragment's order (as the builtin stores them),
 // and ptxas lowers it to LDSM as it does for float16.
@@ -209,6 +209,56 @@ __device__ __forceinline__ void ld_frag(nvcuda::wmma::fragment<Use, 16, 16, 16, 
   }
 #endif
   nvcuda::wmma::load_matrix_sync(f, p, ld);
+}
+
+using AccFrag = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+
+// acc[j] += A · B_jᵀ over K columns: A the warp's 16 rows (a, pitch lda), B_j rows
+// [16j, 16j + 16) of a 64-row tile (b, pitch ldb), both row-major in shared memory.
+template <int K, typename T>
+__device__ __forceinline__ void mma_abt(AccFrag (&acc)[4], const T* a, int lda, const T* b,
+                                        int ldb) {
+  using namespace nvcuda;
+#pragma unroll
+  for (int kk = 0; kk < K; kk += 16) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+    ld_frag(fa, a + kk, lda);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      // Bᵀ as a column-major K×N operand: element (k, n) is b[16j + n][k].
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+      ld_frag(fb, b + j * 16 * ldb + kk, ldb);
+      wmma::mma_sync(acc[j], fa, fb, acc[j]);
+    }
+  }
+}
+
+// acc[j] += G · V[:, 16j : 16j + 16]: G the warp's 16 rows of a 64-column tile (g, pitch ldg),
+// V 64 rows (v, pitch ldv; columns from v's offset on).
+template <typename T>
+__device__ __forceinline__ void mma_ab(AccFrag (&acc)[4], const T* g, int ldg, const T* v,
+                                       int ldv) {
+  using namespace nvcuda;
+#pragma unroll
+  for (int kk = 0; kk < kBN; kk += 16) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+    ld_frag(fa, g + kk, ldg);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+      ld_frag(fb, v + kk * ldv + j * 16, ldv);
+      wmma::mma_sync(acc[j], fa, fb, acc[j]);
+    }
+  }
+}
+
+// The warp's 16 × 64 accumulators into rows [16w, 16w + 16) of s.
+__device__ __forceinline__ void store_acc(float (*s)[kBN + kSPad], const AccFrag (&acc)[4]) {
+  const int warp = threadIdx.x / 32;
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+    nvcuda::wmma::store_matrix_sync(&s[warp * 16][j * 16], acc[j], kBN + kSPad,
+                                    nvcuda::wmma::mem_row_major);
 }
 
 // dst[r][c] = x[r0 + r][c0 + c] for r < 64, c < W (zero outside [rows) × [d)). With vec (16-bit,
@@ -272,32 +322,18 @@ __device__ void tile_product(Smem<T>& sm, const T* a, int64_t a_rows, const T* b
 #pragma unroll
       for (int j = 0; j < 8; ++j) sm.s[ty * 4 + i][tx + 8 * j] = acc[i][j];
   } else {
-    using namespace nvcuda;
     const int warp = threadIdx.x / 32;  // warp w: rows [16w, 16w+16), all 64 columns
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4];
+    AccFrag acc[4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[j], 0.f);
+    for (int j = 0; j < 4; ++j) nvcuda::wmma::fill_fragment(acc[j], 0.f);
     for (int64_t d0 = 0; d0 < d; d0 += G::kBK) {
       stage<T, G::kBK>(sm.u.stage.a, a, a_rows, d, r0, d0, vec);
       stage<T, G::kBK>(sm.u.stage.b, b, b_rows, d, c0, d0, vec);
       __syncthreads();
-#pragma unroll
-      for (int kk = 0; kk < G::kBK; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-        ld_frag(fa, &sm.u.stage.a[warp * 16][kk], G::kLd);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          // Bᵀ as a column-major K×N operand: element (k, n) is b[n][k].
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-          ld_frag(fb, &sm.u.stage.b[j * 16][kk], G::kLd);
-          wmma::mma_sync(acc[j], fa, fb, acc[j]);
-        }
-      }
+      mma_abt<G::kBK>(acc, &sm.u.stage.a[warp * 16][0], G::kLd, &sm.u.stage.b[0][0], G::kLd);
       __syncthreads();
     }
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-      wmma::store_matrix_sync(&sm.s[warp * 16][j * 16], acc[j], kBN + kSPad, wmma::mem_row_major);
+    store_acc(sm.s, acc);
   }
   __syncthreads();
 }
@@ -542,15 +578,11 @@ __device__ __forceinline__ void bwd_tile_grad(const Params& p, SM& sm, int64_t r
 
 // Write a 16-bit CTA's accumulator chunk (rows r0..., D columns dv...) through sm.s. Starts
 // and ends with a barrier (sm.s is free before, and read by every thread after).
-template <typename T, typename SM, typename Frag>
-__device__ __forceinline__ void bwd_store_chunk(const Params& p, SM& sm, const Frag (&acc)[4],
+template <typename T, typename SM>
+__device__ __forceinline__ void bwd_store_chunk(const Params& p, SM& sm, const AccFrag (&acc)[4],
                                                 int64_t r0, int64_t n_rows, int64_t dv) {
-  const int warp = threadIdx.x / 32;
   __syncthreads();
-#pragma unroll
-  for (int b = 0; b < 4; ++b)
-    nvcuda::wmma::store_matrix_sync(&sm.s[warp * 16][b * 16], acc[b], kBN + kSPad,
-                                    nvcuda::wmma::mem_row_major);
+  store_acc(sm.s, acc);
   __syncthreads();
   T* out = static_cast<T*>(p.grad);
   for (int e = threadIdx.x; e < kBM * kBD; e += kThreads) {
@@ -572,7 +604,7 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_kernel(Params p) {
   const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
   const int warp = threadIdx.x / 32;
   float acc[NCH][4][8];
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> facc[NCH][4];
+  AccFrag facc[NCH][4];
   if constexpr (G::kF32) {
 #pragma unroll
     for (int h = 0; h < NCH; ++h)
@@ -613,18 +645,7 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_kernel(Params p) {
             for (int b = 0; b < 8; ++b) acc[h][a][b] = fmaf(gv[a], vv[b], acc[h][a][b]);
         }
       } else {
-        using namespace nvcuda;
-#pragma unroll
-        for (int kk = 0; kk < kBN; kk += 16) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-          ld_frag(fa, &sm.p[warp * 16][kk], G::kPLd);
-#pragma unroll
-          for (int b = 0; b < 4; ++b) {
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-            ld_frag(fb, &sm.u.v[kk][b * 16], G::kVLd);
-            wmma::mma_sync(facc[h][b], fa, fb, facc[h][b]);
-          }
-        }
+        mma_ab(facc[h], &sm.p[warp * 16][0], G::kPLd, &sm.u.v[0][0], G::kVLd);
       }
     }
     __syncthreads();
@@ -720,26 +741,13 @@ __device__ __forceinline__ void res_advance(T (*nxt)[LD], const T* x, int64_t n,
 // s = A · B[buf]ᵀ over DP columns (WMMA; warp w: rows [16w, 16w+16)). Ends with a barrier.
 template <typename T, int DP>
 __device__ __forceinline__ void res_product(ResTiles<T, DP>& sm, int buf) {
-  using namespace nvcuda;
   constexpr int ld = ResTiles<T, DP>::kLd;
   const int warp = threadIdx.x / 32;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4];
+  AccFrag acc[4];
 #pragma unroll
-  for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[j], 0.f);
-#pragma unroll
-  for (int kk = 0; kk < DP; kk += 16) {
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-    ld_frag(fa, &sm.a[warp * 16][kk], ld);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-      ld_frag(fb, &sm.b[buf][j * 16][kk], ld);
-      wmma::mma_sync(acc[j], fa, fb, acc[j]);
-    }
-  }
-#pragma unroll
-  for (int j = 0; j < 4; ++j)
-    wmma::store_matrix_sync(&sm.s[warp * 16][j * 16], acc[j], kBN + kSPad, wmma::mem_row_major);
+  for (int j = 0; j < 4; ++j) nvcuda::wmma::fill_fragment(acc[j], 0.f);
+  mma_abt<DP>(acc, &sm.a[warp * 16][0], ld, &sm.b[buf][0][0], ld);
+  store_acc(sm.s, acc);
   __syncthreads();
 }
 
@@ -768,7 +776,6 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_res_kernel(Params p) {
 
 template <typename T, int MODE, bool TRANS, bool SYM, int DP>
 __global__ void __launch_bounds__(kThreads, 2) bwd_res_kernel(Params p) {
-  using namespace nvcuda;
   constexpr int NCH = DP / kBD;
   using SmemT = ResSmem<T, DP>;
   constexpr int ld = ResTiles<T, DP>::kLd;
@@ -776,11 +783,11 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_res_kernel(Params p) {
   const auto [rows_x, cols_x, n_rows, n_cols] = bwd_operands<T, TRANS>(p);
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kBM;
   const int warp = threadIdx.x / 32;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> facc[NCH][4];
+  AccFrag facc[NCH][4];
 #pragma unroll
   for (int h = 0; h < NCH; ++h)
 #pragma unroll
-    for (int b = 0; b < 4; ++b) wmma::fill_fragment(facc[h][b], 0.f);
+    for (int b = 0; b < 4; ++b) nvcuda::wmma::fill_fragment(facc[h][b], 0.f);
   bwd_row_labels<TRANS>(p, sm, r0, n_rows);
   load_tile_async<DP>(sm.a, rows_x, n_rows, p.d, r0);
   load_tile_async<DP>(sm.b[0], cols_x, n_cols, p.d, 0);
@@ -794,18 +801,7 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_res_kernel(Params p) {
     __syncthreads();
     // facc[h] += G · B[buf][:, 64h : 64h + 64] (B's rows are the tile's vectors).
 #pragma unroll
-    for (int kk = 0; kk < kBN; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-      ld_frag(fa, &sm.p[warp * 16][kk], kBN + 8);
-#pragma unroll
-      for (int h = 0; h < NCH; ++h)
-#pragma unroll
-        for (int b = 0; b < 4; ++b) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-          ld_frag(fb, &sm.b[buf][kk][h * kBD + b * 16], ld);
-          wmma::mma_sync(facc[h][b], fa, fb, facc[h][b]);
-        }
-    }
+    for (int h = 0; h < NCH; ++h) mma_ab(facc[h], &sm.p[warp * 16][0], kBN + 8, &sm.b[buf][0][h * kBD], ld);
     __syncthreads();  // s, p, the statistics and B[buf] are free for the next tile
   }
   FLASHCON_CP_WAIT(0);
@@ -842,6 +838,32 @@ inline int blocks(int64_t x, int64_t b) { return static_cast<int>((x + b - 1) / 
 inline bool vec_ok(const void* q, const void* k, int64_t d, int elem_bytes) {
   const auto aligned = [](const void* x) { return reinterpret_cast<uintptr_t>(x) % 16 == 0; };
   return elem_bytes == 2 && d % 8 == 0 && aligned(q) && aligned(k);
+}
+
+// The Params of one op call that every op shares: operands, labels, sizes, the pair scale and
+// the positive weights (pw, lpw null: labels, or bitmasks with mode kMultiLabel). The caller sets
+// the op's statistics, outputs and lse weights.
+inline Params make_params(const void* q, const void* k, int elem_bytes, const int64_t* qlab,
+                          const int64_t* klab, int64_t n, int64_t m, int64_t d,
+                          int64_t self_offset, double scale, int mode, const float* pw,
+                          const float* lpw, int64_t bq, int64_t bk) {
+  Params p{};
+  p.q = q;
+  p.k = k;
+  p.qlab = qlab;
+  p.klab = klab;
+  p.n = n;
+  p.m = m;
+  p.d = d;
+  p.self_offset = self_offset;
+  p.scale = static_cast<float>(scale);
+  p.vec = vec_ok(q, k, d, elem_bytes);
+  p.mode = mode;
+  p.pw = pw;
+  p.lpw = lpw;
+  p.bq = pw ? bq : 1;
+  p.bk = pw ? bk : 1;
+  return p;
 }
 
 // The log-sum-exp's weights as the kernels read them (log 0 = −inf: the term vanishes).

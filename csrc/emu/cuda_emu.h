@@ -126,7 +126,6 @@ inline thread_local std::vector<std::vector<PendingCopy>> tl_groups;
 inline size_t g_dyn_smem = 0;
 inline thread_local uint3 tl_block{0, 0, 0};
 inline thread_local Cta* tl_cta = nullptr;
-inline dim3 g_block_dim, g_grid_dim;
 
 inline unsigned lane() { return tl_thread.x % 32; }
 inline unsigned warp() { return tl_thread.x / 32; }
@@ -200,8 +199,6 @@ cudaError_t launch_dyn(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t d
   if (block.y != 1 || block.z != 1) fail("only 1-D thread blocks are emulated");
   const int nthreads = static_cast<int>(block.x);
   const int nwarps = (nthreads + 31) / 32;
-  g_block_dim = block;
-  g_grid_dim = grid;
   g_dyn_smem = dyn_smem;
   auto cta = std::make_unique<Cta>();
   for (int w = 0; w < nwarps; ++w) cta->warps.push_back(std::make_unique<Barrier>());
@@ -240,11 +237,8 @@ cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, Args... args
 
 #define threadIdx (::flashcon_emu::tl_thread)
 #define blockIdx (::flashcon_emu::tl_block)
-#define blockDim (::flashcon_emu::g_block_dim)
-#define gridDim (::flashcon_emu::g_grid_dim)
 
 inline void __syncthreads() { ::flashcon_emu::syncthreads(); }
-inline void __syncwarp(unsigned = 0xffffffffu) { ::flashcon_emu::syncwarp(); }
 template <typename T>
 T __shfl_xor_sync(unsigned, T v, int mask) {
   return ::flashcon_emu::shfl_xor(v, mask);
@@ -253,8 +247,6 @@ template <typename T>
 T __ldg(const T* p) {
   return *p;
 }
-inline float __expf(float x) { return std::exp(x); }
-inline float __fdividef(float a, float b) { return a / b; }
 
 // ---- 16-bit floating types (explicit conversions only, as in torch's CUDA builds) -------------
 struct __half {

@@ -2,8 +2,8 @@
 // (cuda_emu.h) and exposed with a C ABI for tests/test_cuda_emu.py (loaded with ctypes). Not
 // part of the extension: the test builds it with the host compiler.
 //
-// fcemu_run(op, dtype, ...) runs one flashcon:: op on host buffers exactly as
-// csrc/cuda/engine_cuda.cu fills the kernels' Params and calls their launch plans:
+// fcemu_run(op, dtype, ...) runs one flashcon:: op on host buffers through the same Params
+// filling (make_params, set_lse_weights) and launch plans as csrc/cuda/engine_cuda.cu:
 //   op 0: lse_fwd  -> out0 = lse, out1 = psum, out2 = pcnt
 //   op 1: lse_bwd  (g0 = g_lse, g1 = g_psum, stat = lse) -> dq, dk
 //   op 2: sp_fwd   (eta) -> out0 = sp, out1 = r
@@ -48,24 +48,10 @@ extern "C" int fcemu_run(int op, int dtype, const void* q, const void* k, const 
                          const float* g0, const float* g1, const float* stat, const float* eta,
                          float* out0, float* out1, float* out2, void* dq, void* dk,
                          int no_resident) {
-  fc::Params p{};
-  p.q = q;
-  p.k = k;
-  p.qlab = qlab;
-  p.klab = klab;
-  p.n = n;
-  p.m = m;
-  p.d = d;
-  p.self_offset = self_offset;
-  p.scale = static_cast<float>(scale);
-  p.vec = fc::vec_ok(q, k, d, dtype == 0 ? 4 : 2);
+  fc::Params p = fc::make_params(q, k, dtype == 0 ? 4 : 2, qlab, klab, n, m, d, self_offset,
+                                 scale, mode, pw, lpw, bq, bk);
   p.no_resident = no_resident != 0;
   fc::set_lse_weights(p, w_pos, w_neg, k1);
-  p.mode = mode;
-  p.pw = pw;
-  p.lpw = lpw;
-  p.bq = pw ? bq : 1;
-  p.bk = pw ? bk : 1;
   p.g_lse = g0;
   p.g_psum = g1;
   p.lse = stat;
@@ -94,10 +80,7 @@ extern "C" int fcemu_vec_ok(const void* q, const void* k, int64_t d, int elem_by
 // The width of the resident kernels the launch plan picks (0: the streamed kernels).
 extern "C" int fcemu_resident_width(int dtype, const void* q, const void* k, int64_t n,
                                     int64_t m, int64_t d) {
-  fc::Params p{};
-  p.n = n;
-  p.m = m;
-  p.d = d;
-  p.vec = fc::vec_ok(q, k, d, dtype == 0 ? 4 : 2);
+  const fc::Params p = fc::make_params(q, k, dtype == 0 ? 4 : 2, nullptr, nullptr, n, m, d, -1,
+                                       1.0, 0, nullptr, nullptr, 1, 1);
   return dtype == 0 ? fc::resident_width<float>(p) : fc::resident_width<__half>(p);
 }
