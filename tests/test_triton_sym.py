@@ -17,7 +17,11 @@ from flashcon.testing import assert_close, assert_close_rel, assert_rounding_bou
 
 # Only the triton package itself may be missing; an import error in flashcon's kernels fails.
 pytest.importorskip("triton")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from flashcon.triton_kernels import launch, ops  # noqa: E402
+from flashcon.triton_kernels.lse import _mma  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL = launch.TileConfig(16, 16, 16, 16, 4, 1)
@@ -430,3 +434,126 @@ def test_api_with_and_without_the_symmetric_path(loss, monkeypatch):
             assert_close_rel(fx.grad.cpu(), fr.grad, 4e-6, "dfeatures")
     finally:
         engine.set_symmetric(True)
+
+
+# --------------------------------------------------------------------------------------------
+# fp32 tile products on tensor cores: three TF32 products (launch.dot_precision, lse._mma).
+# Every fp32 parity test of the Triton kernels runs them (the interpreter computes the same
+# split); these check the split itself and the sm_90 table's fp32 tiles.
+# --------------------------------------------------------------------------------------------
+
+
+def _tf32_ref(x: torch.Tensor) -> torch.Tensor:
+    """float64: x rounded to 11 significant bits, to nearest, ties away from zero."""
+    m, e = torch.frexp(x.double())  # |m| in [0.5, 1)
+    r = torch.sign(m) * torch.floor(m.abs() * 2048 + 0.5)
+    return torch.ldexp(r, e - 11)
+
+
+@triton.jit
+def _mma_probe(a_ptr, b_ptr, out_ptr, PREC: tl.constexpr, M: tl.constexpr, K: tl.constexpr,
+               N: tl.constexpr):  # fmt: skip
+    rm, rk, rn = tl.arange(0, M), tl.arange(0, K), tl.arange(0, N)
+    a = tl.load(a_ptr + rm[:, None] * K + rk[None, :])
+    b = tl.load(b_ptr + rk[:, None] * N + rn[None, :])
+    acc = _mma(a, b, tl.zeros([M, N], dtype=tl.float32), PREC)
+    tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc)
+
+
+def _probe(a, b):
+    """a·b through ``_mma`` with the fp32 precision the launchers pass, 64-row tiles (HGMMA
+    on sm_90)."""
+    prec = launch.dot_precision(torch.float32)
+    out = torch.empty(a.shape[0], b.shape[1], device=DEVICE)
+    _mma_probe[(1,)](a.to(DEVICE), b.to(DEVICE), out, prec, a.shape[0], a.shape[1], b.shape[1])
+    return out.cpu().double()
+
+
+def test_fp32_products_split_into_tf32():
+    """The split: hi = tf32(x) (ties away from zero), lo = tf32(x − hi), and a·b as
+    a_lo·b_hi + a_hi·b_lo + a_hi·b_hi, within 3·2^-22 of |a|·|b| of the exact product; NaN
+    stays NaN."""
+    assert launch.dot_precision(torch.float32) == "3xtf32"  # PyTorch's default precision
+    assert launch.dot_precision(torch.bfloat16) == "ieee"
+    g = torch.Generator().manual_seed(3)
+    # Exact probe of both roundings: x against c = 1 + 2^-12 (hi 1, lo 2^-12) gives
+    # lo(x) + hi(x)·2^-12 + hi(x), each partial sum exact in fp32 for these x (checked).
+    x = torch.cat([
+        torch.tensor([1 + 2**-11, -(1 + 2**-11), 1 + 3 * 2**-11, 1 + 2**-11 - 2**-23, 0.0]),
+        torch.randn(59, generator=g) * torch.logspace(-3, 3, 59),
+    ])  # fmt: skip
+    a = torch.zeros(64, 16)
+    a[:, 0] = x
+    b = torch.zeros(16, 16)
+    b[0, :] = 1 + 2**-12
+    hi = _tf32_ref(x)
+    lo = _tf32_ref(x.double() - hi)
+    assert hi[:4].tolist() == [1 + 2**-10, -(1 + 2**-10), 1 + 2**-9, 1.0]  # ties away
+    want = lo + hi * 2**-12 + hi
+    for partial in (lo, lo + hi * 2**-12, want):
+        assert torch.equal(partial.float().double(), partial)
+    assert torch.equal(_probe(a, b), want[:, None].expand(64, 16))
+    # Random products: the split's sum to fp32 accumulation, the exact product to 3·2^-22.
+    a = torch.randn(64, 32, generator=g) * torch.logspace(-3, 3, 64)[:, None]
+    b = torch.randn(32, 16, generator=g)
+    out = _probe(a, b)
+    a_hi, b_hi = _tf32_ref(a), _tf32_ref(b)
+    a_lo, b_lo = _tf32_ref(a.double() - a_hi), _tf32_ref(b.double() - b_hi)
+    split = a_lo @ b_hi + a_hi @ b_lo + a_hi @ b_hi
+    scale = a.double().abs() @ b.double().abs()
+    assert ((out - split).abs() <= 3 * 32 * 2**-24 * scale).all()
+    assert ((out - a.double() @ b.double()).abs() <= (3 * 2**-22 + 3 * 32 * 2**-24) * scale).all()
+    # lo·lo is what is dropped: x = 1 + 1.5·2^-12 splits exactly (hi = 1, lo = 1.5·2^-12), so
+    # Σ_16 x·x comes out as 16·(1 + 3·2^-12), without the 16·2.25·2^-24 an fp32 FMA keeps.
+    x = torch.full((64, 16), 1 + 1.5 * 2**-12)
+    assert (_probe(x, x[:16]) == 16 * (1 + 3 * 2**-12)).all()
+    # NaN in either operand gives NaN, whatever its bits: rounding 0x7FFFFFFF (the NaN GPU
+    # arithmetic produces) would carry into ±0; an inf gives a non-finite result.
+    bits = torch.tensor([0x7FFFFFFF, -1, 0x7FC00000, 0x7F800000], dtype=torch.int32)
+    a = torch.ones(64, 16)
+    a[:4, 3] = bits.view(torch.float32)
+    out = _probe(a, torch.ones(16, 16))
+    assert out[:3].isnan().all() and not out[3].isfinite().any() and out[4:].eq(16).all()
+    out = _probe(torch.ones(64, 16), a[:16].T.contiguous())
+    assert out[:, :3].isnan().all() and not out[:, 3].isfinite().any() and out[:, 4:].eq(16).all()
+    # TF32 wherever PyTorch allows it for fp32 matmuls, through either of its APIs (the older
+    # getter raises once the newer API has been used).
+    matmul = torch.backends.cuda.matmul
+    old = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        assert launch.dot_precision(torch.float32) == "tf32"
+        matmul.fp32_precision = "ieee"
+        assert launch.dot_precision(torch.float32) == "3xtf32"
+        matmul.fp32_precision = old
+        torch.set_float32_matmul_precision("high")
+        assert launch.dot_precision(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision("highest")
+        matmul.fp32_precision = old
+    assert launch.dot_precision(torch.float32) == "3xtf32"
+
+
+@pytest.mark.gpu
+def test_fp32_split_on_tensor_cores():
+    """The same checks on the GPU, where the three products are TF32 tensor-core products
+    (``make gpu-check`` runs ``pytest -m gpu``; without a GPU the test above covers them)."""
+    test_fp32_products_split_into_tf32()
+
+
+def test_fp32_sm90_tiles(monkeypatch):
+    """sm_90's fp32 tiles (64 rows, 8 warps: the tensor-core products let them grow from
+    sm_80's 32) against the contract at fp32's tolerances, forward and backward."""
+    monkeypatch.setattr(launch, "arch_of", lambda device: 90)
+    seen = []
+    real = launch._launch_sym
+
+    def spy(name, n, cfg, fl, args):
+        seen.append((name, cfg.block_m, fl["DOT_PREC"]))
+        return real(name, n, cfg, fl, args)
+
+    monkeypatch.setattr(launch, "_launch_sym", spy)
+    z, lab, ml, pw, g = _inputs(200, 33, torch.float32, "multilabel")
+    _check_lse(z, lab, 10.0, WEIGHTS[3], ml, pw, g)
+    assert {s[0] for s in seen} == {"_sym_fwd_kernel", "_sym_bwd_kernel"}
+    assert {s[1:] for s in seen} == {(64, "3xtf32")}

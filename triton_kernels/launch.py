@@ -13,12 +13,18 @@ Tile sizes come from a small fixed table per architecture (``CONFIGS``); with
 ``FLASHCON_AUTOTUNE=1`` the launchers autotune over a few configurations around it instead
 (always-masked D tails then, since the chunk width is not known when the flags are chosen).
 
-fp32 dot precision: "ieee" by default, "tf32" when ``torch.get_float32_matmul_precision()`` is
-"high" or "medium" (equivalently ``torch.backends.cuda.matmul.allow_tf32 = True``). An fp32
-caller then gets from the fused loss the same precision its own fp32 matmuls have: exact fp32
-products by default (PyTorch's default), TF32 (≈ fp16-input accuracy, LOSSES.md §6) only where
-the user opted in for speed. Under the interpreter the choice has no effect (numpy computes in
-fp32); it matters on the GPU only.
+fp32 dot precision (``dot_precision``): every fp32 tile product runs on tensor cores.
+"3xtf32" by default: each operand split into two TF32 halves and three TF32 products
+(``lse._mma``), at most 3·2^-22 of |a|·|b| per product against fp32's 2^-24. The fp32
+parity tests hold at their tolerances on the interpreter, which runs the same split with
+round-to-nearest additions (tests/test_triton_sym.py::test_fp32_products_split_into_tf32);
+the GPU's tensor cores add with truncation, which ``_mma`` confines to each call's own sums,
+and its tolerances are for ``pytest -m gpu`` to confirm. "tf32", one TF32 product
+(≈ fp16-input accuracy), where PyTorch allows TF32 for fp32 matmuls
+(``torch.set_float32_matmul_precision("high")`` or "medium",
+``torch.backends.cuda.matmul.allow_tf32 = True`` or ``.fp32_precision = "tf32"``): an fp32
+caller gets the speed it opted into for its own matmuls, no more. Read when a launcher runs
+(once, at tracing, for a torch.compile'd graph).
 """
 
 from __future__ import annotations
@@ -61,13 +67,15 @@ CONFIGS: dict[tuple[int, str, int, str], TileConfig] = {
     # on (a second exponent tile and the mask tiles), and so does 64×64 over 4 warps on sm_80.
     (80, "fwd", 16, "any"): TileConfig(64, 64, 64, 0, 8, 2),
     (90, "fwd", 16, "any"): TileConfig(64, 64, 64, 0, 8, 2),
-    # Forward, fp32: "ieee" products are FMA in registers; 32×32 over 4 warps is spill-free
-    # on both for every flag set (32×64 spills with HAS_SELF on sm_90; 8 warps cap ptxas at
-    # 128 registers and spill).
+    # Forward, fp32: tensor-core products ("3xtf32": both operands' TF32 halves live beside
+    # the tile), 32×32 over 4 warps, which keeps the grid of 32-row programs small N needs
+    # (the symmetric kernels below take 64-row tiles on sm_90, where partner runs keep the
+    # grid full; on sm_80 64×64 spills).
     (80, "fwd", 32, "any"): TileConfig(32, 32, 32, 0, 4, 2),
     (90, "fwd", 32, "any"): TileConfig(32, 32, 32, 0, 4, 2),
     # Softplus pass, fp32: σ and softplus of every pair hold more live values than the LSE
-    # update; at 32×32 over 4 warps one flag set spilled 8 B at sm_80's 255 registers.
+    # update; at 32×32 over 4 warps one flag set spilled 8 B at sm_80's 255 registers (IEEE
+    # products then).
     (80, "sp", 32, "any"): TileConfig(32, 32, 16, 0, 4, 2),
     (90, "sp", 32, "any"): TileConfig(32, 32, 16, 0, 4, 2),
     # Backward, 16-bit, wide D: s, G and the 64×128 fp32 output accumulator live together;
@@ -79,10 +87,9 @@ CONFIGS: dict[tuple[int, str, int, str], TileConfig] = {
     # some flag sets).
     (80, "bwd", 16, "narrow"): TileConfig(64, 32, 64, 64, 4, 2),
     (90, "bwd", 16, "narrow"): TileConfig(64, 32, 64, 64, 4, 2),
-    # Backward, fp32: G stays fp32 and "ieee" products are FMA in registers. 32×32 tiles with
-    # a 32-wide output chunk over 2 warps, unpipelined, leave 4 of 192 fp32 specialisations
-    # with a 16-byte spill (ptxas spills there below the register limit); 4 warps or two
-    # stages spill in more of them. Known defect, listed by the kernel report.
+    # Backward, fp32: G stays fp32 (split into TF32 halves for G·k). 32×32 tiles with a
+    # 32-wide output chunk over 2 warps, unpipelined (64×64 over 8 warps spilled on sm_90 with
+    # a mask).
     (80, "bwd", 32, "wide"): TileConfig(32, 32, 32, 32, 2, 1),
     (90, "bwd", 32, "wide"): TileConfig(32, 32, 32, 32, 2, 1),
     (80, "bwd", 32, "narrow"): TileConfig(32, 32, 32, 32, 2, 1),
@@ -91,14 +98,17 @@ CONFIGS: dict[tuple[int, str, int, str], TileConfig] = {
     # partition of z). Forward: no running max, so the 16-bit tile is the general forward's.
     (80, "sym_fwd", 16, "any"): TileConfig(64, 64, 64, 0, 8, 2),
     (90, "sym_fwd", 16, "any"): TileConfig(64, 64, 64, 0, 8, 2),
+    # fp32: as the backward's fp32 rows below.
     (80, "sym_fwd", 32, "any"): TileConfig(32, 32, 32, 0, 4, 2),
-    (90, "sym_fwd", 32, "any"): TileConfig(32, 32, 32, 0, 4, 2),
+    (90, "sym_fwd", 32, "any"): TileConfig(64, 64, 32, 0, 8, 2),
     # Backward: H (fp32 and in the input dtype) stays live over the D-out chunks; each chunk
     # is two products whose results go straight to atomic adds (no accumulator carried).
     (80, "sym_bwd", 16, "any"): TileConfig(64, 64, 64, 64, 8, 2),
     (90, "sym_bwd", 16, "any"): TileConfig(64, 64, 64, 64, 8, 2),
+    # fp32 (three TF32 products): 64×64 over 8 warps on sm_90 (warpgroup MMA, HGMMA), which
+    # spills on sm_80 (its MMA operands sit in registers): 32×32 there.
     (80, "sym_bwd", 32, "any"): TileConfig(32, 32, 32, 32, 4, 1),
-    (90, "sym_bwd", 32, "any"): TileConfig(32, 32, 32, 32, 4, 1),
+    (90, "sym_bwd", 32, "any"): TileConfig(64, 64, 32, 32, 8, 2),
     # Resident variants (RESIDENT, D <= block_d): a program keeps its row block Z_I (and in
     # the backward its dZ_I) for its run of partner blocks, and loads each Z_J once. block_d
     # is the largest D they take; the launcher narrows it to 64 for D <= 64 (sym_tiles).
@@ -145,11 +155,27 @@ def d_bucket(d: int) -> str:
     return "narrow" if d <= 64 else "wide"
 
 
+# What dot_precision can give fp32 inputs (the kernel report compiles each).
+FP32_PRECISIONS = ("3xtf32", "tf32")
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    """``input_precision`` of the fp32 products (see the module docstring); 16-bit: unused."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
+    """``DOT_PREC`` of the tile products (see the module docstring): "3xtf32" or "tf32" for
+    fp32 inputs; 16-bit inputs ignore it (their products are exact in fp32)."""
+    if dtype != torch.float32:
+        return "ieee"
+    return "tf32" if _tf32_allowed() else "3xtf32"
+
+
+def _tf32_allowed() -> bool:
+    """Whether PyTorch lets fp32 matmuls use TF32. ``torch.backends.cuda.matmul.fp32_precision``
+    reflects both of PyTorch's APIs ("tf32" after ``set_float32_matmul_precision("high")``,
+    ``allow_tf32 = True`` or ``fp32_precision = "tf32"``); the older getter raises once the
+    newer API was used, so it serves only a PyTorch without the attribute."""
+    new = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if new is not None:
+        return new == "tf32"
+    return torch.get_float32_matmul_precision() != "highest"
 
 
 def pick_config(kind: str, arch: int, dtype: torch.dtype, d: int) -> TileConfig:

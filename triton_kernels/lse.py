@@ -42,8 +42,9 @@ more per extra D-out chunk when D > BLOCK_DO), instead of atomically adding part
 
 Precision: tile products accumulate in fp32 (``tl.dot`` with an fp32 accumulator); statistics
 are fp32; G is rounded to the input dtype for the tensor-core products G·k and Gᵀ·q (as the
-flash-attention backward does with its probabilities). For fp32 inputs ``DOT_PREC`` is "ieee"
-unless PyTorch's own fp32 matmul precision allows TF32 (see ``launch.py``).
+flash-attention backward does with its probabilities). For fp32 inputs ``DOT_PREC`` is
+"3xtf32" (three TF32 tensor-core products of split operands, ``_mma``), or "tf32" where
+PyTorch's own fp32 matmul precision allows TF32 (see ``launch.dot_precision``).
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ import triton.language as tl
 # Read once at import, without touching any GPU; compiled kernels never take this path.
 WIDEN_BF16: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
+# TF32 rounding of an fp32 bit pattern (``_mma``'s "3xtf32"): add half a unit of the 10th
+# mantissa bit, clear the 13 bits below it (to nearest, ties away from zero).
+TF32_HALF: tl.constexpr = tl.constexpr(0x1000)
+TF32_MASK: tl.constexpr = tl.constexpr(0xFFFFE000)
+
 # Mode of the backward kernels.
 MODE_LSE = 0
 MODE_SP = 1
@@ -66,10 +72,43 @@ MODE_SP = 1
 
 @triton.jit
 def _mma(a, b, acc, DOT_PREC: tl.constexpr):
-    """acc + a·b with fp32 accumulation (see WIDEN_BF16)."""
-    if WIDEN_BF16 and a.dtype == tl.bfloat16:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=DOT_PREC)
+    """acc + a·b with fp32 accumulation (see WIDEN_BF16).
+
+    DOT_PREC "3xtf32" (fp32 inputs): each operand is split into TF32 halves, x = hi + lo with
+    hi = tf32(x) and lo = tf32(x − hi) (x − hi is exact in fp32; tf32() rounds to 10 mantissa
+    bits, to nearest, ties away from zero), and a_lo·b_hi + a_hi·b_lo + a_hi·b_hi runs as
+    three TF32 tensor-core products into a fresh accumulator, the small terms first, which is
+    then added to ``acc``. The products of TF32 values are exact in fp32; what is lost is
+    a_lo·b_lo and lo's rounding, each at most 2^-22 of |a|·|b|. Tensor cores add with
+    truncation: summing each call's products apart and adding them once, rounded, keeps that
+    bias to the call's own few additions instead of every addition of a D loop (emulated at
+    D = 1024, s ≈ 0.9: mean error −7e-6 into one running accumulator, −1e-7 this way).
+    A NaN keeps its bits as hi (its rounding can carry into ±0: the NaN GPUs produce,
+    0x7FFFFFFF, would become a silent 0); ±inf gives inf or NaN; a finite |x| within 2^-12
+    of FLT_MAX rounds hi to inf and its products to NaN (such an x overflows any similarity).
+
+    The split is written out, not left to ``tl.dot``'s own "tf32x3", so that Triton's
+    interpreter (which computes every ``tl.dot`` in fp32, rounding to nearest) runs the same
+    arithmetic; inline, not in a helper, because the interpreter pays about 0.3 ms per helper
+    call, which four calls per product made a third of the fp32 tests' time."""
+    if DOT_PREC == "3xtf32":
+        a_hi = (a.to(tl.uint32, bitcast=True) + TF32_HALF) & TF32_MASK
+        b_hi = (b.to(tl.uint32, bitcast=True) + TF32_HALF) & TF32_MASK
+        a_hi = tl.where(a == a, a_hi.to(tl.float32, bitcast=True), a)
+        b_hi = tl.where(b == b, b_hi.to(tl.float32, bitcast=True), b)
+        a_lo = ((a - a_hi).to(tl.uint32, bitcast=True) + TF32_HALF) & TF32_MASK
+        b_lo = ((b - b_hi).to(tl.uint32, bitcast=True) + TF32_HALF) & TF32_MASK
+        a_lo = a_lo.to(tl.float32, bitcast=True)
+        b_lo = b_lo.to(tl.float32, bitcast=True)
+        part = tl.dot(a_lo, b_hi, tl.zeros_like(acc), input_precision="tf32")
+        part = tl.dot(a_hi, b_lo, part, input_precision="tf32")
+        part = tl.dot(a_hi, b_hi, part, input_precision="tf32")
+        acc += part
+    elif WIDEN_BF16 and a.dtype == tl.bfloat16:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+    return acc
 
 
 @triton.jit

@@ -8,8 +8,9 @@ Triton's wheel: registers, stack/local memory (spills), shared memory, and wheth
 holds tensor-core instructions (HMMA; HGMMA on sm_90).
 
 Exits non-zero on a compile failure, any spill, shared memory over the architecture's limit
-(sm_80: 163 KB, sm_90: 227 KB dynamic), or a 16-bit / TF32 tile product without tensor-core
-instructions (fp32 with "ieee" precision is FMA by design).
+(sm_80: 163 KB, sm_90: 227 KB dynamic), or a tile product without tensor-core instructions
+(every product is one: 16-bit inputs directly, fp32 ones as "3xtf32" or "tf32", see
+``launch.dot_precision``).
 
     python -m flashcon.tools.kernel_report            # everything, both architectures
     python -m flashcon.tools.kernel_report --arch 90 --quick -j 2
@@ -103,7 +104,7 @@ def specs(archs, quick: bool) -> list[Spec]:
     seen = set()
     for arch, dtype in itertools.product(archs, DTYPES):
         bits = 32 if dtype == "fp32" else 16
-        precs = ("ieee", "tf32") if dtype == "fp32" else ("ieee",)
+        precs = launch.FP32_PRECISIONS if dtype == "fp32" else ("ieee",)
         for kernel, prec in itertools.product(KERNELS, precs):
             if kernel in SMALL_KERNELS:
                 continue
@@ -355,9 +356,8 @@ def verdict(row: dict) -> list[str]:
     if row["shared"] > SHARED_LIMIT[spec.arch]:
         bad.append(f"shared {row['shared']} B > {SHARED_LIMIT[spec.arch]} B")
     has_products = spec.kernel not in SMALL_KERNELS
-    needs_mma = has_products and (spec.dtype != "fp32" or spec.prec == "tf32")
-    if needs_mma and not (row["hmma"] or row["hgmma"]):
-        bad.append("no tensor-core instruction (HMMA/HGMMA) for a 16-bit/tf32 product")
+    if has_products and not (row["hmma"] or row["hgmma"]):
+        bad.append("no tensor-core instruction (HMMA/HGMMA) for a tile product")
     return bad
 
 
@@ -404,8 +404,6 @@ def main(argv=None) -> int:
             continue
         spill = r["stack"] + r["local"]
         mark = "ok" if not bad else "FAIL: " + "; ".join(bad)
-        if not bad and r["spec"].dtype == "fp32" and r["spec"].prec == "ieee":
-            mark = "ok (ieee fp32: FFMA by design)"
         if not bad and r["spec"].kernel in SMALL_KERNELS:
             mark = "ok (no tile products)"
         print(f"{r['label']:{width}}  sm_{r['arch']}  {r['regs']:>4}  {spill:>8}  "
