@@ -3,8 +3,12 @@
 The pure-Python package lives in ``python/flashcon``; the Triton kernels in ``triton_kernels/``
 are installed as ``flashcon.triton_kernels`` (never as a top-level ``triton_kernels``: that
 name belongs to Triton's own package). The C++ extension ``flashcon._C`` always builds its CPU
-kernels and adds the CUDA kernels when torch is a CUDA build and nvcc's major version matches
-torch's CUDA major version. No GPU is needed to build it.
+kernels. It adds the CUDA kernels when they are wanted — a GPU is visible, or
+``TORCH_CUDA_ARCH_LIST`` names the architectures, or ``FLASHCON_FORCE_CUDA=1`` — and can be
+built: torch is a CUDA build and nvcc's major version matches torch's CUDA major version. No
+GPU is needed to build them, but they cost minutes of nvcc per architecture, so a machine that
+shows no GPU and names no architecture gets the CPU kernels only. The build says which, in one
+line that ``pip install`` shows without ``-v`` where a terminal is attached.
 
 Environment switches (read at build time):
 
@@ -13,11 +17,12 @@ Environment switches (read at build time):
 ``FLASHCON_CPU_ONLY=1``
     Build the extension with its CPU kernels only, even when CUDA could be built.
 ``FLASHCON_FORCE_CUDA=1``
-    Fail the build instead of silently dropping the CUDA kernels when they cannot be built.
+    Build the CUDA kernels even with no GPU visible and no architecture list (then for
+    ``8.0;9.0``), and fail the build instead of dropping them when they cannot be built.
 ``TORCH_CUDA_ARCH_LIST``
-    Architectures of the CUDA kernels; default ``8.0;9.0`` when no GPU is visible. The kernels
-    need sm_80 or newer (cp.async, bfloat16 tensor cores): a list (or, unset, a visible GPU)
-    below 8.0 builds the CPU kernels only (an error under ``FLASHCON_FORCE_CUDA``).
+    Architectures of the CUDA kernels; setting it asks for them. Unset, the visible GPUs'. The
+    kernels need sm_80 or newer (cp.async, bfloat16 tensor cores): a list (or, unset, a visible
+    GPU) below 8.0 builds the CPU kernels only (an error under ``FLASHCON_FORCE_CUDA``).
 ``CUDA_HOME``
     CUDA toolkit root. When unset it is derived from the real ``nvcc`` (following wrapper
     scripts), because torch's guess from a wrapper on the PATH can point at a folder with no
@@ -48,6 +53,26 @@ def _flag(name: str) -> bool:
 
 def _log(msg: str) -> None:
     print(f"[flashcon setup] {msg}", file=sys.stderr)
+
+
+def _announce(msg: str) -> None:
+    """``_log``, and the same line on the terminal: pip hides a build's output without ``-v``,
+    and what is built (and how to change it) decides whether the install takes minutes."""
+    _log(msg)
+    if sys.stderr.isatty():
+        return
+    try:
+        with open("/dev/tty", "w") as tty:
+            tty.write(f"[flashcon setup] {msg}\n")
+    except OSError:
+        pass  # no controlling terminal (CI, a service): the log line above is all there is
+
+
+def _gpu_visible(torch) -> bool:
+    try:
+        return bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001 - a broken driver must not break the build
+        return False
 
 
 def _real_nvcc() -> str | None:
@@ -149,8 +174,18 @@ def _extensions() -> tuple[list, dict]:
     ld_flags = ["-fopenmp"]
 
     want_cuda = not _flag("FLASHCON_CPU_ONLY") and bool(cuda_sources)
+    if _flag("FLASHCON_CPU_ONLY"):
+        _announce("building the CPU kernels only (FLASHCON_CPU_ONLY is set)")
     why_not = None
-    if want_cuda:
+    asked = _flag("FLASHCON_FORCE_CUDA") or bool(os.environ.get("TORCH_CUDA_ARCH_LIST"))
+    if want_cuda and not asked and not _gpu_visible(torch):
+        _announce(
+            "building the CPU kernels only: no GPU is visible and TORCH_CUDA_ARCH_LIST is "
+            "unset (the CUDA kernels add minutes of nvcc per architecture; to build them, set "
+            "TORCH_CUDA_ARCH_LIST, e.g. '8.0;9.0', or FLASHCON_FORCE_CUDA=1)"
+        )
+        want_cuda = False
+    elif want_cuda:
         if torch.version.cuda is None:
             why_not = "torch is not a CUDA build"
         elif cuda_home is None:
@@ -168,21 +203,16 @@ def _extensions() -> tuple[list, dict]:
     if want_cuda and why_not:
         if _flag("FLASHCON_FORCE_CUDA"):
             raise RuntimeError(f"FLASHCON_FORCE_CUDA is set but CUDA cannot be built: {why_not}")
-        _log(f"building CPU kernels only: {why_not}")
+        _announce(f"building the CPU kernels only: {why_not}")
         want_cuda = False
 
     if want_cuda:
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            visible = False
-            try:
-                visible = torch.cuda.is_available()
-            except Exception:  # noqa: BLE001 - a broken driver must not break the build
-                visible = False
-            if not visible:
-                os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
-        _log(
-            f"building CPU + CUDA kernels (CUDA_HOME={os.environ.get('CUDA_HOME')}, "
-            f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '<visible GPUs>')})"
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not _gpu_visible(torch):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        _announce(
+            f"building the CPU and CUDA kernels (CUDA_HOME={os.environ.get('CUDA_HOME')}, "
+            f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '<visible GPUs>')}; "
+            "minutes of nvcc per architecture; FLASHCON_CPU_ONLY=1 skips them)"
         )
         ext = CUDAExtension(
             "flashcon._C",

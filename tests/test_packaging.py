@@ -1,7 +1,8 @@
 """The project packages: a wheel built without build isolation installs and runs elsewhere.
 
 The wheel is built from a copy of the source tree (so the working tree's in-place extension and
-``build/`` stay untouched) with the CPU kernels only (``FLASHCON_CPU_ONLY=1``), then installed
+``build/`` stay untouched) as the README's install builds it on a machine without a GPU and
+without ``TORCH_CUDA_ARCH_LIST``: the CPU kernels only, saying so, then installed
 into a fresh virtual environment that reuses this environment's torch and Triton through a
 ``.pth`` line (no download, no index). A ``.pth`` line adds a directory to ``sys.path`` without
 running the ``.pth`` files inside it, so this environment's editable flashcon (an import hook
@@ -33,18 +34,64 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SOURCES = ("setup.py", "pyproject.toml", "README.md", "python", "triton_kernels", "csrc")
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLASHCON_", "PYTHON"))}
+def _env(unset: tuple[str, ...] = (), **extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("FLASHCON_", "PYTHON")) and k not in unset
+    }
     env.update(PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1", **extra)
     return env
 
 
-def _run(cmd: list[str], cwd: pathlib.Path, timeout: int = 120, **extra: str) -> str:
+def _run(
+    cmd: list[str], cwd: pathlib.Path, timeout: int = 120, unset: tuple[str, ...] = (), **extra
+) -> str:
     p = subprocess.run(
-        cmd, cwd=cwd, env=_env(**extra), capture_output=True, text=True, timeout=timeout
+        cmd, cwd=cwd, env=_env(unset, **extra), capture_output=True, text=True, timeout=timeout
     )
     assert p.returncode == 0, f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}"
-    return p.stdout
+    return p.stdout + p.stderr
+
+
+_SETUP_LINE = "[flashcon setup] building the "
+
+
+def _setup_decision(**env: str) -> str:
+    """The line ``setup.py`` prints about what it builds (``--name`` builds nothing)."""
+    unset = tuple(k for k, v in env.items() if v is None)
+    extra = {k: v for k, v in env.items() if v is not None}
+    out = _run([sys.executable, "setup.py", "--name"], cwd=ROOT, unset=unset, **extra)
+    lines = [ln for ln in out.splitlines() if ln.startswith(_SETUP_LINE)]
+    assert len(lines) == 1, out
+    return lines[0]
+
+
+def test_build_without_a_gpu_or_architectures_is_cpu_only():
+    line = _setup_decision(TORCH_CUDA_ARCH_LIST=None, CUDA_VISIBLE_DEVICES="")
+    assert line.startswith(_SETUP_LINE + "CPU kernels only: no GPU is visible"), line
+    assert "TORCH_CUDA_ARCH_LIST" in line and "FLASHCON_FORCE_CUDA=1" in line, line
+    line = _setup_decision(TORCH_CUDA_ARCH_LIST=None, FLASHCON_CPU_ONLY="1")
+    assert line == _SETUP_LINE + "CPU kernels only (FLASHCON_CPU_ONLY is set)", line
+
+
+def test_build_with_architectures_wants_cuda():
+    # Asked for by an architecture list or FLASHCON_FORCE_CUDA, the CUDA kernels are built
+    # where torch and nvcc allow it, and otherwise the line says why not (never "no GPU").
+    for env in (
+        {"TORCH_CUDA_ARCH_LIST": "9.0", "CUDA_VISIBLE_DEVICES": ""},
+        {"TORCH_CUDA_ARCH_LIST": None, "CUDA_VISIBLE_DEVICES": "", "FLASHCON_FORCE_CUDA": "1"},
+    ):
+        try:
+            line = _setup_decision(**env)
+        except AssertionError as e:  # FORCE_CUDA where CUDA cannot be built: the build fails
+            assert env.get("FLASHCON_FORCE_CUDA") and "cannot be built" in str(e), e
+            continue
+        assert "no GPU is visible" not in line, (env, line)
+        if torch.version.cuda and shutil.which("nvcc"):
+            assert line.startswith(_SETUP_LINE + "CPU and CUDA kernels"), (env, line)
+            arch = env["TORCH_CUDA_ARCH_LIST"] or "8.0;9.0"
+            assert f"TORCH_CUDA_ARCH_LIST={arch};" in line, (env, line)
 
 
 @pytest.fixture(scope="session")
@@ -66,15 +113,17 @@ def _build_wheel(tmp: pathlib.Path) -> None:
         else:
             shutil.copy2(path, src / name)
     dist = tmp / "dist"
-    _run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps"]
+    log = _run(
+        [sys.executable, "-m", "pip", "wheel", "-v", "--no-build-isolation", "--no-deps"]
         + ["--no-index", "--no-cache-dir", "-w", str(dist), str(src)],
         cwd=tmp,
         timeout=900,
-        FLASHCON_CPU_ONLY="1",
+        unset=("TORCH_CUDA_ARCH_LIST",),
+        CUDA_VISIBLE_DEVICES="",
         # This environment's ninja (the dev extras install it) for the parallel build.
         PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
     )
+    (tmp / "build.log").write_text(log)
 
 
 @pytest.fixture(scope="session")
@@ -102,6 +151,12 @@ def _install(wheel: pathlib.Path, root: pathlib.Path) -> None:
         cwd=venv,
     )
     assert (purelib / "flashcon" / "__init__.py").is_file()
+
+
+def test_default_build_says_what_it_builds(wheel: pathlib.Path):
+    log = (wheel.parent.parent / "build.log").read_text()
+    assert _SETUP_LINE + "CPU kernels only: no GPU is visible" in log, log[-3000:]
+    assert "-gencode" not in log, "a CUDA compile ran"
 
 
 def test_wheel_contents(wheel: pathlib.Path):

@@ -76,6 +76,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from collections.abc import Callable
 
 import torch
@@ -361,8 +362,11 @@ register_backend_autograd(*_TORCH_OPS)
 # --------------------------------------------------------------------------------------------
 
 
-# Discovery runs once, eagerly, when flashcon is imported: a torch.compile trace must only
-# read its results (registering ops or importing modules inside a trace breaks the graph).
+# Discovery runs once. The C++ extension is discovered when flashcon is imported. Triton
+# (whose ops import Triton and Inductor: seconds and ~150 MB) is discovered at import where
+# it can run — a GPU is visible, the interpreter is on, or Triton is already imported — and
+# otherwise on first demand (a CUDA tensor, backend='triton', flashcon.info), which on a
+# machine without a GPU is never inside a torch.compile trace of a real run.
 _OPS: dict[str, tuple | None] = {"torch": None}
 _SYM_OPS: dict[str, tuple | None] = {}
 _FUSED_OPS: dict[str, Callable] = {}
@@ -396,6 +400,8 @@ def _discover_cpp() -> None:
 
 
 def _discover_triton() -> None:
+    if "triton" in _OPS:
+        return
     _OPS["triton"] = None
     try:
         import triton  # noqa: F401
@@ -412,8 +418,19 @@ def _discover_triton() -> None:
     _FUSED_OPS["triton"] = tops.fused_fwd_op
 
 
+def _triton_wanted_at_import() -> bool:
+    if "triton" in sys.modules or _interpreting():
+        return True
+    try:
+        return torch.cuda.is_available()  # the device count: no CUDA context is created
+    except Exception:  # noqa: BLE001 - a broken driver means no GPU here, not a broken import
+        return False
+
+
 def triton_available() -> tuple[bool, str]:
-    """(True, '') when the Triton kernels imported, else (False, why)."""
+    """(True, '') when the Triton kernels imported, else (False, why). Imports them on the
+    first call where they were not imported with flashcon (no GPU visible)."""
+    _discover_triton()
     if _OPS.get("triton") is None:
         return False, _WHY.get("triton", "not discovered")
     return True, ""
@@ -503,6 +520,8 @@ def get_engine(backend: str) -> Engine:
     key = {"torch": "torch", "cpu": "cpp", "cuda": "cpp", "triton": "triton"}.get(backend)
     if key is None:
         raise ValueError(f"no streaming engine for backend {backend!r}")
+    if key == "triton":
+        _discover_triton()
     ops = _OPS.get(key)
     if ops is None:
         raise BackendUnavailableError(f"backend {backend!r} is unavailable")
@@ -519,4 +538,5 @@ def get_engine(backend: str) -> Engine:
 
 _OPS["torch"] = _TORCH_OPS
 _discover_cpp()
-_discover_triton()
+if _triton_wanted_at_import():
+    _discover_triton()
