@@ -21,6 +21,10 @@ META_FIELDS = (
     "triton",
     "flashcon",
     "python",
+    "threads",
+    "import_torch_s",
+    "import_flashcon_s",
+    "imports_triton",
     "loss",
     "dtype",
     "D",
@@ -61,8 +65,14 @@ BASELINES = {
     "reference-compile": "speedup_vs_reference_compile",
 }
 # CSV columns read back as integers, and as text; the others as numbers where they parse.
-INT_FIELDS = ("N", "M", "reps", "D")
-TEXT_FIELDS = (*(f for f in META_FIELDS if f != "D"), "provider", "status", "note", "mem_method")
+INT_FIELDS = ("N", "M", "reps", "D", "threads")
+TEXT_FIELDS = (
+    *(f for f in META_FIELDS if f not in ("D", "threads", "import_torch_s", "import_flashcon_s")),
+    "provider",
+    "status",
+    "note",
+    "mem_method",
+)
 
 
 def git_sha(repo: Path) -> str:

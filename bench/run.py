@@ -2,7 +2,7 @@
 
     python bench/run.py                      # SupCon, D=128, fp32, on CUDA if there is one
     python bench/run.py --loss sincere --dtype bfloat16 --providers flashcon-triton,reference
-    python bench/run.py --quick              # a < 60 s smoke run (N = 256, 512)
+    python bench/run.py --quick              # flashcon against the dense loss, N = 256, 512
     python bench/run.py --ns 4096,16384,65536 --providers flashcon-triton,reference-compile
 
 Sweep: N = 1024, 2048, 4096, … (``--min-n`` to ``--max-n``, or the list ``--ns``) for every
@@ -17,6 +17,16 @@ out-of-memory or a hang ends that provider's sweep and nothing else; on the CPU 
 address space is capped (``--mem-limit-gb``) so that an allocation fails inside it instead of
 waking the system's OOM killer. The worker's docstring says how time (p20/p50/p80 of fwd,
 bwd, fwd+bwd) and peak memory (above the inputs) are measured.
+
+``--quick`` is the smoke run: by default two providers, the fused loss on the backend
+``'auto'`` picks for the device and the eager dense ``reference``, at N = 256 and 512, in this
+process (``--in-process``: no worker start-up of seconds per point, no per-point timeout or
+memory cap, which such small points do not need). Every provider's first point is measured
+whatever the budget, so the quick table always has a flashcon-vs-dense ratio.
+
+Every run also records the CPU threads (``torch.get_num_threads()``: the CPU kernels' OpenMP
+threads) and what ``import flashcon`` costs on top of ``import torch`` (one ``-X importtime``
+subprocess; whether Triton was imported with it).
 
 Throughput follows DESIGN.md's performance model: 2·N·M·D flops forward, 6·N·M·D backward,
 8·N·M·D both; "of mm" divides it by torch.mm's flop/s on ``[N, D] × [D, N]`` in the same dtype,
@@ -99,7 +109,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="CPU: memory a point may allocate (default 60%% of MemAvailable)",
     )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="tiny sweep for CI smoke (< 60 s)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: fused ('auto' backend) vs eager dense at N = 256, 512, in-process",
+    )
+    ap.add_argument(
+        "--in-process",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="measure every point in this process (default: with --quick only)",
+    )
     ap.add_argument("--out", type=Path, default=HERE / "results", help="output directory")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument(
@@ -112,16 +132,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = torch.device(a.device).type == "cuda"
+    if a.in_process is None:
+        a.in_process = a.quick
     defaults = {
         # name: (quick, cuda, cpu)
         "min_n": (256, 1024, 1024),
         "max_n": (512, NO_LIMIT, NO_LIMIT),
         "budget": (40.0, 660.0, 660.0),
         "timeout": (30.0, 180.0, 180.0),
-        "warmup": (1, 3, 1),
-        "min_reps": (2, 5, 3),
-        "max_reps": (3, 50, 20),
-        "target_s": (0.05, 1.0, 2.0),
+        "warmup": (3, 3, 1),
+        "min_reps": (3, 5, 3),
+        "max_reps": (20, 50, 20),
+        "target_s": (0.2, 1.0, 2.0),
     }
     for name, (quick, on_cuda, on_cpu) in defaults.items():
         if getattr(a, name) is None:
@@ -170,6 +192,46 @@ def _triton_version() -> str:
         return "not installed"
 
 
+def import_cost() -> dict:
+    """Seconds of ``import torch`` and of ``import flashcon`` after it, in a fresh interpreter
+    (``-X importtime``'s cumulative figures of the two top-level imports), and whether Triton
+    came with flashcon."""
+    code = "import sys, torch; import flashcon; print('triton' in sys.modules)"
+    try:
+        p = subprocess.run(
+            [sys.executable, "-X", "importtime", "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=_worker_env(),
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    cumulative = {}
+    for line in p.stderr.splitlines():
+        m = re.match(r"import time:\s+\d+ \|\s+(\d+) \| (\S+)$", line)
+        if m:  # top-level imports only: no indentation before the name
+            cumulative[m.group(2)] = int(m.group(1)) * 1e-6
+    if p.returncode != 0 or "torch" not in cumulative or "flashcon" not in cumulative:
+        tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit {p.returncode}: {tail[:200]}"}
+    return {
+        "import_torch_s": round(cumulative["torch"], 3),
+        "import_flashcon_s": round(cumulative["flashcon"], 3),
+        "imports_triton": p.stdout.strip() == "True",
+    }
+
+
+def describe_imports(cost: dict) -> str:
+    if "error" in cost:
+        return f"import cost not measured ({cost['error']})"
+    triton = "imported" if cost["imports_triton"] else "not imported"
+    return (
+        f"import torch {cost['import_torch_s']:.2f} s, then import flashcon "
+        f"+{cost['import_flashcon_s']:.2f} s (Triton {triton})"
+    )
+
+
 def run_metadata(args) -> dict:
     import flashcon
 
@@ -184,9 +246,11 @@ def run_metadata(args) -> dict:
         "triton": _triton_version(),
         "flashcon": flashcon.__version__,
         "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
         "loss": args.loss,
         "dtype": args.dtype,
         "D": args.dim,
+        **import_cost(),
     }
 
 
@@ -212,6 +276,15 @@ def _worker_env() -> dict:
     env.pop("TRITON_INTERPRET", None)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def run_point_here(spec: dict) -> tuple[dict, float]:
+    """``--in-process``: the worker's measurement in this process (no timeout, no memory cap)."""
+    import worker
+
+    t0 = time.perf_counter()
+    res = worker.run_point({**spec, "mem_limit_bytes": 0})
+    return res, time.perf_counter() - t0
 
 
 def run_point(spec: dict, timeout: float, tick=None) -> tuple[dict, float]:
@@ -303,11 +376,15 @@ def point_row(provider: str, n: int, args, res: dict, wall: float) -> dict:
     return row
 
 
+def _startup_s(args) -> float:
+    return 0.0 if args.in_process else STARTUP_S
+
+
 def _predicted_s(args, last: dict, n: int) -> float:
     """Wall time of the next point, from the last one's fwd+bwd time (the work is ∝ N²)."""
     scale = (n / last["N"]) ** 2
     calls = args.warmup + args.min_reps
-    return STARTUP_S + calls * last["fwdbwd_ms_p50"] * 1e-3 * scale
+    return _startup_s(args) + calls * last["fwdbwd_ms_p50"] * 1e-3 * scale
 
 
 class _NoBar:
@@ -372,8 +449,9 @@ def sweep(args, selected: list[str], meta: dict) -> tuple[list[dict], dict[int, 
                 break
             for p in list(alive):
                 left = args.budget - (time.perf_counter() - start)
-                predicted = _predicted_s(args, last_ok[p], n) if p in last_ok else STARTUP_S
-                if predicted > args.timeout or predicted > left:
+                first = n == ns[0]  # measured whatever the budget: every table compares
+                predicted = _predicted_s(args, last_ok[p], n) if p in last_ok else _startup_s(args)
+                if not first and (predicted > args.timeout or predicted > left):
                     why = "skipped" if predicted > args.timeout else "budget"
                     limit = "budget left" if why == "budget" else "timeout"
                     note = f"predicted {predicted:.0f} s > {limit}"
@@ -404,7 +482,10 @@ def sweep(args, selected: list[str], meta: dict) -> tuple[list[dict], dict[int, 
                     "measure_mm": n not in mm,
                     "mem_limit_bytes": mem_limit,
                 }
-                res, wall = run_point(spec, min(args.timeout, left), tick)
+                if args.in_process:
+                    res, wall = run_point_here(spec)
+                else:
+                    res, wall = run_point(spec, max(min(args.timeout, left), args.timeout * first))
                 if res.get("mm_flops"):
                     mm[n] = res["mm_flops"]
                 if res.get("device_name"):
@@ -455,20 +536,32 @@ def replot(csv_path: Path) -> int:
     return 0
 
 
+def flashcon_auto(device: torch.device) -> str:
+    """The backend ``backend='auto'`` picks for ``device`` (``torch`` when it is the reference)."""
+    import flashcon
+
+    picked = flashcon.resolve_backend("auto", device)
+    return picked if picked in P.STREAMING else "torch"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.from_csv is not None:
         return replot(args.from_csv)
     dev = torch.device(args.device)
-    wanted = P.PROVIDERS if args.providers == "all" else args.providers.split(",")
+    if args.providers == "all" and args.quick:
+        wanted = [f"flashcon-{flashcon_auto(dev)}", "reference"]
+    else:
+        wanted = P.PROVIDERS if args.providers == "all" else args.providers.split(",")
     wanted = [P.canonical(p.strip()) for p in wanted if p.strip()]
     meta = run_metadata(args)
 
     print(
         f"flashcon benchmark: loss={args.loss} D={args.dim} dtype={args.dtype} "
-        f"device={args.device} ({meta['device_name']}), torch {meta['torch']}, "
-        f"triton {meta['triton']}, git {meta['git_sha']}"
+        f"device={args.device} ({meta['device_name']}, {meta['threads']} CPU threads), "
+        f"torch {meta['torch']}, triton {meta['triton']}, git {meta['git_sha']}"
     )
+    print(f"  {describe_imports(meta)}")
     selected, unavailable = [], []
     for p in wanted:
         ok, why = P.availability(p, args.loss, dev)
@@ -503,7 +596,9 @@ def main(argv=None) -> int:
         f"# {args.loss}, D={args.dim}, {args.dtype}, {meta['device_name']}",
         "",
         f"{meta['date']} · git {meta['git_sha']} · torch {meta['torch']} · "
-        f"triton {meta['triton']} · {elapsed:.0f} s",
+        f"triton {meta['triton']} · {meta['threads']} CPU threads · {elapsed:.0f} s",
+        "",
+        f"{describe_imports(meta)[0].upper()}{describe_imports(meta)[1:]}.",
         "",
         "Times are p50 over repetitions (CSV: p20/p50/p80); peak MB is memory above the "
         f"inputs; {unit} uses 8·N·M·D for fwd+bwd; 'of mm' is that over torch.mm's flop/s at "

@@ -82,23 +82,50 @@ def test_points_skipped_for_budget_are_printed_once(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     run = _run_module()
     argv = ["--quick", "--device", "cpu", "--providers", "torch,reference,triton"]
-    argv += ["--budget", "0.5", "--no-progress", "--out", str(tmp_path)]
-    assert run.main(argv) == 1  # no point could run in half a second
+    argv += ["--budget", "0.01", "--no-progress", "--out", str(tmp_path)]
+    assert run.main(argv) == 0  # the first size is measured whatever the budget
     out = capsys.readouterr().out
-    # Each point skipped for the budget is one line: its row of the table.
+    # Each later point skipped for the budget is one line: its row of the table.
     skipped = [ln for ln in out.splitlines() if "budget:" in ln or "predicted" in ln]
     assert len(skipped) == 2, out
     for provider in ("flashcon-torch", "reference"):
-        assert sum(ln.startswith(f"| {provider} | 256 | ") for ln in skipped) == 1, out
-        assert f"| {provider} | 512 |" not in out  # a stopped provider has no later rows
+        assert sum(ln.startswith(f"| {provider} | 512 | ") for ln in skipped) == 1, out
+        assert sum(ln.startswith(f"| {provider} | 256 | ") for ln in out.splitlines()) == 1
     # An unavailable provider is named once, at the end, with the reason.
     assert out.count("flashcon-triton") == 1 and "not run: flashcon-triton (" in out
     rows = list(csv.DictReader(open(tmp_path / "supcon_cpu_float32_d128_quick.csv")))
-    assert sorted((r["provider"], r["status"]) for r in rows) == [
-        ("flashcon-torch", "budget"),
-        ("flashcon-triton", "unavailable"),
-        ("reference", "budget"),
+    assert sorted((r["provider"], r["N"], r["status"]) for r in rows) == [
+        ("flashcon-torch", "256", "ok"),
+        ("flashcon-torch", "512", "budget"),
+        ("flashcon-triton", "", "unavailable"),
+        ("reference", "256", "ok"),
+        ("reference", "512", "budget"),
     ]
+
+
+def test_quick_run_compares_with_the_dense_loss(tmp_path, capsys):
+    """The default quick run (no --providers) measures the fused loss of 'auto''s backend and
+    the eager dense loss in this process, and prints the ratio; it records the CPU threads
+    and the import cost of flashcon over torch."""
+    pytest.importorskip("matplotlib")
+    import torch
+
+    import flashcon
+
+    run = _run_module()
+    argv = ["--quick", "--device", "cpu", "--ns", "256", "--no-progress", "--out", str(tmp_path)]
+    assert run.main(argv) == 0
+    out = capsys.readouterr().out
+    fused = f"flashcon-{flashcon.resolve_backend('auto', torch.device('cpu'))}"
+    rows = report.read_csv(tmp_path / "supcon_cpu_float32_d128_quick.csv")
+    assert sorted(r["provider"] for r in rows) == sorted([fused, "reference"])
+    row = next(r for r in rows if r["provider"] == fused)
+    assert row["status"] == "ok" and row["speedup_vs_reference"] > 0, row
+    assert f"| {fused} | 256 |" in out and "×" in out.split(f"| {fused} | 256 |")[1].split("\n")[0]
+    assert row["threads"] == torch.get_num_threads()
+    assert row["import_torch_s"] > 0 and row["import_flashcon_s"] >= 0, row
+    assert row["imports_triton"] in ("False", "True")
+    assert "then import flashcon +" in out
 
 
 def _ok(provider, n, ms, gflops):
