@@ -253,6 +253,7 @@ setup(
         "flashcon.triton_kernels",
     ],
     package_dir={"": "python", "flashcon.triton_kernels": "triton_kernels"},
+    package_data={"flashcon": ["py.typed"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -31,7 +31,7 @@ import flashcon
 pytestmark = pytest.mark.slow
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SOURCES = ("setup.py", "pyproject.toml", "README.md", "python", "triton_kernels", "csrc")
+SOURCES = ("setup.py", "pyproject.toml", "README.md", "LICENSE", "python", "triton_kernels", "csrc")
 
 
 def _env(unset: tuple[str, ...] = (), **extra: str) -> dict[str, str]:
@@ -167,6 +167,12 @@ def test_wheel_contents(wheel: pathlib.Path):
     assert not [n for n in names if n.startswith("triton_kernels/")], names
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"flashcon"}, tops
+    assert "flashcon/py.typed" in names  # PEP 561: the package's annotations are for users
+    licenses = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
+    assert len(licenses) == 1, names
+    meta = zipfile.ZipFile(wheel).read(licenses[0].replace("licenses/LICENSE", "METADATA"))
+    assert b"License-Expression: Apache-2.0" in meta
+    assert b"Apache License" in zipfile.ZipFile(wheel).read(licenses[0])
 
 
 _CHECK = """
