@@ -4,7 +4,7 @@ The general kernels (``lse.py``) take q [N, D] against k [M, D]; the symmetric '
 launchers (``sym_*``) run ``sym.py``'s tile-pair kernels, with the general kernels as the
 fallback the device chooses (``sym_plan``: the static shift's constants and its gate).
 
-No autograd here (that is ``flashcon.engine.register_backend_autograd``, wired in ``ops.py``)
+No autograd here (that is ``flashcon.registration.register_backend_autograd``, wired in ``ops.py``)
 and nothing that reads tensor data, so every launcher also runs on fake tensors (the
 ``triton_op`` fake implementation is the launcher itself, with the kernel launch skipped).
 Nothing touches the GPU driver at import time: the architecture is read when a launcher runs.
@@ -38,7 +38,7 @@ import triton
 from torch import Tensor
 from torch.library import wrap_triton
 
-from flashcon.engine import _interpreting
+from flashcon.registration import interpreting
 
 from . import fused as F
 from . import lse as K
@@ -379,7 +379,7 @@ def _launch(name: str, kind: str, rows: int, d: int, cfg: TileConfig, fl: dict, 
         tiles["BLOCK_DO"] = cfg.block_do
         grid = (triton.cdiv(rows, own), triton.cdiv(d, cfg.block_do))
     extra = {}
-    if not _interpreting() and not torch.compiler.is_compiling():
+    if not interpreting() and not torch.compiler.is_compiling():
         # ptxas otherwise sizes the register budget for occupancy and spills a few bytes in
         # some specialisations with registers to spare; the kernel report compiles with the
         # same option. (Inductor does not forward this launch option: under torch.compile the
@@ -647,7 +647,7 @@ def _launch_sym(name: str, n: int, cfg: TileConfig, fl: dict, args: tuple) -> No
     if name == "_sym_bwd_kernel":
         tiles["BLOCK_DO"] = cfg.block_do
     extra = {}
-    if not _interpreting() and not torch.compiler.is_compiling():
+    if not interpreting() and not torch.compiler.is_compiling():
         extra["maxnreg"] = MAXNREG
     kern = wrap_triton(getattr(S, name))
     # Program (I, c) pairs block I with blocks (I + t) mod NB, t in [c·chunk, (c+1)·chunk)
@@ -892,7 +892,7 @@ def _fused_labels(labels: Tensor | None, b: int, multilabel: bool, dev) -> tuple
 
 def _small(name: str, grid: tuple, args: tuple, **meta) -> None:
     extra = {}
-    if not _interpreting() and not torch.compiler.is_compiling():
+    if not interpreting() and not torch.compiler.is_compiling():
         extra["maxnreg"] = MAXNREG  # as _launch, and as the kernel report compiles them
     kern = wrap_triton(getattr(F, name))
     kern[grid](*args, **meta, num_warps=SMALL_WARPS, num_stages=SMALL_STAGES, **extra)

@@ -8,7 +8,7 @@ symmetric ('all'-mode) ops ``flashcon::triton_sym_*`` (``SYM_OPS``) run ``sym.py
 kernels (with the same corners on ``torch_stream``). ``triton_op``
 registers each function itself as the fake implementation (the ``wrap_triton`` launches are
 skipped on fake tensors), so ``torch.compile`` sees through to the kernels and no separate
-``register_fake`` is needed. :func:`flashcon.engine.register_backend_autograd` connects each
+``register_fake`` is needed. :func:`flashcon.registration.register_backend_autograd` connects each
 forward to its backward op; ``OPS`` is what ``flashcon.engine`` discovers for backend='triton'.
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flashcon.engine import register_backend_autograd, register_symmetric
+from flashcon.registration import register_backend_autograd, register_symmetric
 
 from . import launch
 

@@ -67,7 +67,7 @@ autograd via r). Every output is O(N + M); nothing N×M exists in any backend. `
 have the dtype of ``q``/``k``; statistics have the statistics dtype.
 
 Each backend registers the four functions as ops (``flashcon::<backend>_lse_fwd`` …, or the
-C++ ``flashcon::lse_fwd`` dispatched by device); :func:`register_backend_autograd` connects
+C++ ``flashcon::lse_fwd`` dispatched by device); ``flashcon.registration`` connects
 each forward op to its backward op, and :func:`get_engine` returns the pair of differentiable
 callables the losses use.
 """
@@ -83,6 +83,12 @@ import torch
 from torch import Tensor
 
 from .backends import torch_stream
+from .registration import (
+    interpreting,
+    register_backend_autograd,
+    register_fakes,
+    register_symmetric,
+)
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "torch", "reference")
 
@@ -121,143 +127,6 @@ def set_symmetric(enabled: bool) -> None:
 def symmetric_enabled() -> bool:
     """Whether 'all'-mode losses take the backends' symmetric path (see :func:`set_symmetric`)."""
     return _SYMMETRIC
-
-
-# --------------------------------------------------------------------------------------------
-# Autograd wiring shared by every backend.
-# --------------------------------------------------------------------------------------------
-
-
-def _stat(g: Tensor | None, like: Tensor) -> Tensor:
-    if g is None:
-        return torch.zeros_like(like)
-    return g.to(like.dtype).contiguous()
-
-
-def register_backend_autograd(lse_fwd_op, lse_bwd_op, sp_fwd_op, sp_bwd_op) -> None:
-    """Connect forward ops to their backward ops with ``torch.library.register_autograd``.
-
-    Args:
-        lse_fwd_op: the backend's ``lse_fwd`` op.
-        lse_bwd_op: its ``lse_bwd`` op.
-        sp_fwd_op: its ``sp_fwd`` op.
-        sp_bwd_op: its ``sp_bwd`` op.
-    """
-
-    def lse_setup(ctx, inputs, output):
-        q, k, qlab, klab, self_offset, scale, w_pos, w_neg, k1, multilabel, pos_weight = inputs
-        ctx.save_for_backward(q, k, qlab, klab, output[0], pos_weight)
-        ctx.args = (self_offset, scale, w_pos, w_neg, k1, multilabel)
-
-    def lse_backward(ctx, g_lse, g_psum, g_pcnt):
-        q, k, qlab, klab, lse, pos_weight = ctx.saved_tensors
-        g_l, g_p = _stat(g_lse, lse), _stat(g_psum, lse)
-        dq, dk = lse_bwd_op(g_l, g_p, q, k, qlab, klab, lse, *ctx.args, pos_weight)
-        return (dq, dk) + (None,) * 9
-
-    torch.library.register_autograd(lse_fwd_op, lse_backward, setup_context=lse_setup)
-
-    def sp_setup(ctx, inputs, output):
-        q, k, qlab, klab, eta, self_offset, scale, multilabel, pos_weight = inputs
-        ctx.save_for_backward(q, k, qlab, klab, eta, output[1], pos_weight)
-        ctx.args = (self_offset, scale, multilabel)
-
-    def sp_backward(ctx, g_sp, g_r):
-        q, k, qlab, klab, eta, r, pos_weight = ctx.saved_tensors
-        g = _stat(g_sp, eta)
-        dq, dk = sp_bwd_op(g, q, k, qlab, klab, eta, *ctx.args, pos_weight)
-        # ∂sp_i/∂eta_i = r_i; r itself is treated as a constant (no second-order terms).
-        return dq, dk, None, None, g * r, None, None, None, None
-
-    torch.library.register_autograd(sp_fwd_op, sp_backward, setup_context=sp_setup)
-
-
-def register_symmetric(sym_lse_fwd, sym_lse_bwd, sym_sp_fwd, sym_sp_bwd, fakes=True) -> None:
-    """Autograd of a backend's symmetric ops, and their fake implementations unless the ops
-    bring their own.
-
-    Args:
-        sym_lse_fwd: the backend's ``sym_lse_fwd`` op.
-        sym_lse_bwd: its ``sym_lse_bwd`` op.
-        sym_sp_fwd: its ``sym_sp_fwd`` op.
-        sym_sp_bwd: its ``sym_sp_bwd`` op.
-        fakes: register fake implementations (``False`` for ``triton_op``s, which are their
-            own fakes).
-    """
-    if fakes:
-
-        @torch.library.register_fake(sym_lse_fwd)
-        def _(z, *args):
-            return _fake_stats(z, 3)
-
-        @torch.library.register_fake(sym_lse_bwd)
-        def _(g_lse, g_psum, z, *args):
-            return torch.empty_like(z)
-
-        @torch.library.register_fake(sym_sp_fwd)
-        def _(z, *args):
-            return _fake_stats(z, 2)
-
-        @torch.library.register_fake(sym_sp_bwd)
-        def _(g_sp, z, *args):
-            return torch.empty_like(z)
-
-    def lse_setup(ctx, inputs, output):
-        z, lab, scale, w_pos, w_neg, k1, multilabel, pos_weight = inputs
-        ctx.save_for_backward(z, lab, output[0], pos_weight)
-        ctx.args = (scale, w_pos, w_neg, k1, multilabel)
-
-    def lse_backward(ctx, g_lse, g_psum, g_pcnt):
-        z, lab, lse, pos_weight = ctx.saved_tensors
-        dz = sym_lse_bwd(_stat(g_lse, lse), _stat(g_psum, lse), z, lab, lse, *ctx.args, pos_weight)
-        return (dz,) + (None,) * 7
-
-    torch.library.register_autograd(sym_lse_fwd, lse_backward, setup_context=lse_setup)
-
-    def sp_setup(ctx, inputs, output):
-        z, lab, eta, scale, multilabel, pos_weight = inputs
-        ctx.save_for_backward(z, lab, eta, output[1], pos_weight)
-        ctx.args = (scale, multilabel)
-
-    def sp_backward(ctx, g_sp, g_r):
-        z, lab, eta, r, pos_weight = ctx.saved_tensors
-        g = _stat(g_sp, eta)
-        dz = sym_sp_bwd(g, z, lab, eta, *ctx.args, pos_weight)
-        return dz, None, g * r, None, None, None
-
-    torch.library.register_autograd(sym_sp_fwd, sp_backward, setup_context=sp_setup)
-
-
-def _fake_stats(q: Tensor, n_out: int) -> tuple[Tensor, ...]:
-    acc = torch_stream.stat_dtype(q.dtype)
-    return tuple(q.new_empty((q.shape[0],), dtype=acc) for _ in range(n_out))
-
-
-def register_fakes(lse_fwd_op, lse_bwd_op, sp_fwd_op, sp_bwd_op) -> None:
-    """Register shape-only implementations used by torch.compile and meta tensors.
-
-    Args:
-        lse_fwd_op: the backend's ``lse_fwd`` op.
-        lse_bwd_op: its ``lse_bwd`` op.
-        sp_fwd_op: its ``sp_fwd`` op.
-        sp_bwd_op: its ``sp_bwd`` op.
-    """
-
-    @torch.library.register_fake(lse_fwd_op)
-    def _(q, k, *args):
-        return _fake_stats(q, 3)
-
-    @torch.library.register_fake(lse_bwd_op)
-    def _(g_lse, g_psum, q, k, *args):
-        return torch.empty_like(q), torch.empty_like(k)
-
-    @torch.library.register_fake(sp_fwd_op)
-    def _(q, k, *args):
-        return _fake_stats(q, 2)
-
-    @torch.library.register_fake(sp_bwd_op)
-    def _(g_sp, q, k, *args):
-        return torch.empty_like(q), torch.empty_like(k)
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,7 +288,7 @@ def _discover_triton() -> None:
 
 
 def _triton_wanted_at_import() -> bool:
-    if "triton" in sys.modules or _interpreting():
+    if "triton" in sys.modules or interpreting():
         return True
     try:
         return torch.cuda.is_available()  # the device count: no CUDA context is created
@@ -484,7 +353,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         ok, why = triton_available()
         if not ok:
             raise BackendUnavailableError(f"backend='triton' is unavailable: {why}")
-        if dev != "cuda" and not _interpreting():
+        if dev != "cuda" and not interpreting():
             raise BackendUnavailableError(
                 f"backend='triton' needs CUDA tensors (got {dev}); set TRITON_INTERPRET=1 to "
                 "run the kernels on the CPU through Triton's interpreter"
@@ -504,10 +373,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if not ok:
         raise BackendUnavailableError(f"backend='cpu' is unavailable: {why}")
     return backend
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def get_engine(backend: str) -> Engine:
