@@ -61,7 +61,7 @@ bench-micro: $(EXT_STAMP)
 GPU_PY ?= python3
 GPU_CHECK_OUT ?= gpu-check
 gpu-check:
-	$(GPU_PY) bench/gpu_check.py --out "$(GPU_CHECK_OUT)" $(GPU_CHECK_ARGS)
+	$(GPU_PY) tools/gpu_check.py --out "$(GPU_CHECK_OUT)" $(GPU_CHECK_ARGS)
 
 kernel-report: $(VENV)/.deps
 	$(PY) -m flashcon.tools.kernel_report

@@ -1,6 +1,6 @@
 """Benchmark output: the markdown table, the CSV and the log-log plots of ``bench/run.py``.
 
-Nothing here imports torch: ``bench/gpu_check.py`` reads the CSVs with it before any GPU
+Nothing here imports torch: ``tools/gpu_check.py`` reads the CSVs with it before any GPU
 work starts.
 """
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 check = importlib.import_module("gpu_check")
@@ -377,10 +378,10 @@ def test_make_target_uses_the_system_python(tmp_path):
     proc = _make_dry_run(f"GPU_CHECK_OUT={tmp_path}/x")
     assert proc.returncode == 0, proc.stderr
     cmd = proc.stdout.strip().splitlines()[-1]
-    assert cmd.startswith("python3 bench/gpu_check.py") and f"{tmp_path}/x" in cmd
+    assert cmd.startswith("python3 tools/gpu_check.py") and f"{tmp_path}/x" in cmd
     assert ".venv" not in proc.stdout
     custom = _make_dry_run("GPU_PY=/opt/py/bin/python3")
-    assert custom.stdout.strip().splitlines()[-1].startswith("/opt/py/bin/python3 bench/")
+    assert custom.stdout.strip().splitlines()[-1].startswith("/opt/py/bin/python3 tools/")
 
 
 FAKE_BENCH = """

@@ -1,9 +1,9 @@
 """``make gpu-check``: build, test and benchmark flashcon on one CUDA GPU within 8 minutes.
 
-    python3 bench/gpu_check.py                        # writes gpu-check/ and gpu-check.tgz
-    python3 bench/gpu_check.py --out /tmp/gc --tgz "$OUT/gpu-check.tgz"
-    python3 bench/gpu_check.py --dry-run              # the plan: steps, commands, time limits
-    python3 bench/gpu_check.py --summarize gpu-check  # rebuild a run's summary.md from its files
+    python3 tools/gpu_check.py                        # writes gpu-check/ and gpu-check.tgz
+    python3 tools/gpu_check.py --out /tmp/gc --tgz "$OUT/gpu-check.tgz"
+    python3 tools/gpu_check.py --dry-run              # the plan: steps, commands, time limits
+    python3 tools/gpu_check.py --summarize gpu-check  # rebuild a run's summary.md from its files
 
 For a machine with one CUDA GPU and a Python whose torch sees it, offline: nothing is
 installed and torch is never touched (no .venv; pytorch-metric-learning, matplotlib and tqdm
@@ -50,9 +50,9 @@ import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+sys.path.insert(0, str(BENCH))  # bench/report.py: the bench's CSV reader and table helpers
 
 import report  # noqa: E402
 
@@ -204,7 +204,7 @@ def _pythonpath() -> str:
 
 
 def bench_step(sweep: Sweep, budget_s: float, out: Path, py: str) -> Step:
-    cmd = [py, str(HERE / "run.py"), "--loss", sweep.loss, "--dtype", sweep.dtype]
+    cmd = [py, str(BENCH / "run.py"), "--loss", sweep.loss, "--dtype", sweep.dtype]
     cmd += ["--device", "cuda", "--providers", ",".join(sweep.providers)]
     cmd += ["--ns", ",".join(map(str, sweep.ns)), "--budget", f"{budget_s:.0f}", *POINT_ARGS]
     cmd += ["--out", str(out / "bench" / sweep.name), "--no-progress"]
