@@ -85,7 +85,7 @@ def pairs(loss: str, n: int) -> int:
 
 
 def flops(loss: str, n: int, d: int, mode: str) -> float:
-    """The performance model of DESIGN.md: 2·N·M·D forward, 6·N·M·D backward, 8·N·M·D both."""
+    """The performance model of docs/design.md: 2·N·M·D forward, 6·N·M·D backward, 8·N·M·D both."""
     per_pair = {"fwd": 2, "bwd": 6, "fwdbwd": 8}[mode]
     return float(per_pair) * pairs(loss, n) * d
 

@@ -28,7 +28,7 @@ Every run also records the CPU threads (``torch.get_num_threads()``: the CPU ker
 threads) and what ``import flashcon`` costs on top of ``import torch`` (one ``-X importtime``
 subprocess; whether Triton was imported with it).
 
-Throughput follows DESIGN.md's performance model: 2·N·M·D flops forward, 6·N·M·D backward,
+Throughput follows docs/design.md's performance model: 2·N·M·D flops forward, 6·N·M·D backward,
 8·N·M·D both; "of mm" divides it by torch.mm's flop/s on ``[N, D] × [D, N]`` in the same dtype,
 measured once per N; "vs eager dense" and "vs compiled dense" are the fwd+bwd times of
 ``reference`` and ``reference-compile`` over the provider's. "loss Δ vs ref" is the relative

@@ -1,4 +1,4 @@
-"""A second, deliberately slow implementation of every loss, written from LOSSES.md alone.
+"""A second, deliberately slow implementation of every loss, written from docs/losses.md alone.
 
 Each loss is computed anchor by anchor and pair by pair with float64 scalars: one dot product
 per pair, then `exp`, `log` and sums over Python lists. Nothing is shared with
@@ -7,7 +7,7 @@ both of them cannot hide here. The values are 0-dim float64 tensors built from t
 (and prototypes) by ordinary torch scalar operations, so ``torch.autograd`` gives exact
 gradients of this definition on small inputs (N <= 12 keeps a call well under a second).
 
-Conventions (README, LOSSES.md §0):
+Conventions (README, docs/losses.md §0):
 
 - ``[B, V, D]`` features are flattened view-major: row ``v·B + i`` is view v of sample i.
   ``[N, D]`` features are N samples with one view each.
@@ -31,7 +31,7 @@ import math
 import torch
 from torch import Tensor
 
-GENSCL_EPS = 1e-8  # LOSSES.md §3.1: m_ij / (M_i + 1e-8)
+GENSCL_EPS = 1e-8  # docs/losses.md §3.1: m_ij / (M_i + 1e-8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,7 +106,7 @@ def _row_labels(labels: Tensor | None, b: int, v: int) -> list:
 
 
 # ---------------------------------------------------------------------------------------------
-# SupCon (LOSSES.md §1), NT-Xent (§1.4)
+# SupCon (docs/losses.md §1), NT-Xent (§1.4)
 
 
 def supcon(
@@ -120,7 +120,7 @@ def supcon(
     variant: str = "out",
     queue=None,
 ) -> Tensor:
-    """SupCon L_out / L_in, SupContrast's reduction (LOSSES.md §1.2, §1.4).
+    """SupCon L_out / L_in, SupContrast's reduction (docs/losses.md §1.2, §1.4).
 
     For anchor i with positive weights w_ij over its columns A(i) (all but its own):
       L_out: ℓ_i = c·( LSE_i − Σ_j w_ij ℓ_ij / W_i ),
@@ -192,7 +192,7 @@ def ntxent(features: Tensor, *, temperature: float = 0.5, queue=None) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# SINCERE (LOSSES.md §2)
+# SINCERE (docs/losses.md §2)
 
 
 def sincere(features: Tensor, labels: Tensor, *, temperature: float = 0.07, queue=None) -> Tensor:
@@ -221,7 +221,7 @@ def sincere(features: Tensor, labels: Tensor, *, temperature: float = 0.07, queu
 
 
 # ---------------------------------------------------------------------------------------------
-# GenSCL (LOSSES.md §3)
+# GenSCL (docs/losses.md §3)
 
 
 def _unit(y: Tensor) -> Tensor:
@@ -270,7 +270,7 @@ def genscl(
 
 
 # ---------------------------------------------------------------------------------------------
-# TCL (LOSSES.md §4)
+# TCL (docs/losses.md §4)
 
 
 def tcl(
@@ -312,7 +312,7 @@ def tcl(
 
 
 # ---------------------------------------------------------------------------------------------
-# ESupCon (LOSSES.md §5)
+# ESupCon (docs/losses.md §5)
 
 
 def esupcon(

@@ -109,7 +109,7 @@ ESUPCON_LOSS_ULPS = {torch.float32: 16, torch.bfloat16: 2048, torch.float16: 16}
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("loss", LOSSES)
 def test_low_precision_within_twice_torch_error(loss, dtype):
-    """|cpu − ref64| <= 2·|dense reference in dtype − ref64| + atol (STYLE.md), large norms."""
+    """|cpu − ref64| <= 2·|dense in dtype − ref64| + atol (docs/verification.md), large norms."""
     x = make_inputs(loss, 40, 2, 32, dtype=dtype, norm=3.0)
     x64 = {k: (t.double() if t.is_floating_point() else t) for k, t in x.items()}
     opts = {"temperature": 0.1}
@@ -119,7 +119,7 @@ def test_low_precision_within_twice_torch_error(loss, dtype):
     assert val.dtype == (torch.float32 if dtype != torch.float64 else dtype)
     # The kernels compute in fp32 from the rounded inputs: the loss (fp32) is within a few fp32
     # units of the float64 value, each gradient within its rounding to ``dtype`` plus fp32
-    # noise. LP_ULPS holds the measured counts; the rule below is STYLE.md's, kept beside it.
+    # noise. LP_ULPS holds the measured counts; docs/verification.md's rule below, kept beside it.
     loss_ulps, grad_ulps = LP_ULPS[dtype]
     loss_ulps = ESUPCON_LOSS_ULPS[dtype] if loss == "esupcon" else loss_ulps
     assert_rounding_bound(val, gt_val, dtype=torch.float32, ulps=loss_ulps, name="loss")

@@ -92,8 +92,8 @@ def test_parity_fp32(backend, loss, b, v, d):
         assert_close(g[key].cpu(), ref_g[key], atol=atol, rtol=0, name=f"d{key}")
 
 
-# STYLE.md's rule for 16-bit inputs: |flashcon − float64| <= 2·|dense in dtype − float64| plus a
-# floor of 1e-3 of the result's scale (the loss's value, the largest gradient entry). The
+# The 16-bit rule (docs/verification.md): |flashcon − float64| <= 2·|dense in dtype − float64|
+# plus a floor of 1e-3 of the result's scale (the loss's value, the largest gradient entry). The
 # floor is not the active term: on the C++ CPU kernels at N = 4096 (bf16, the shapes of
 # test_triton_symmetric_path_at_n4096) the gradient error is 3.2e-3 of the scale against a
 # dense bf16 error of 2.6e-2, the loss's 4e-8 relative against 1e-4.

@@ -56,7 +56,7 @@ ESUPCON_LOSS_ULPS = {torch.float32: 8, torch.bfloat16: 4096, torch.float16: 64}
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("loss", LOSSES)
 def test_low_precision_within_twice_torch_error(loss, dtype):
-    """|flashcon − ref64| <= 2·|dense reference in dtype − ref64| + atol (STYLE.md)."""
+    """|flashcon − ref64| <= 2·|dense reference in dtype − ref64| + atol (docs/verification.md)."""
     x = make_inputs(loss, 40, 2, 32, dtype=dtype)
     x64 = {k: (t.double() if t.is_floating_point() else t) for k, t in x.items()}
     opts = {"temperature": 0.1}
@@ -66,7 +66,7 @@ def test_low_precision_within_twice_torch_error(loss, dtype):
     assert val.dtype == (torch.float32 if dtype != torch.float64 else dtype)
     # fp32 arithmetic on the rounded inputs: the loss (fp32) within a few fp32 units of the
     # float64 value, each gradient within its rounding to ``dtype`` plus fp32 noise (LP_ULPS:
-    # measured counts). STYLE.md's rule below is kept beside it.
+    # measured counts). The rule of docs/verification.md below is kept beside it.
     loss_ulps, grad_ulps = LP_ULPS[dtype]
     loss_ulps = ESUPCON_LOSS_ULPS[dtype] if loss == "esupcon" else loss_ulps
     assert_rounding_bound(val, gt_val, dtype=torch.float32, ulps=loss_ulps, name="loss")

@@ -3,9 +3,9 @@
 Without a GPU, conftest sets TRITON_INTERPRET=1 and the kernels run on CPU tensors through
 Triton's interpreter; with one, the same tests run the compiled kernels on CUDA tensors.
 
-Tolerances (STYLE.md): the error of the Triton result against the float64 reference on the
-same rounded inputs must be at most twice the error of PyTorch's dense computation in the
-input dtype, plus a small absolute term relative to the result's scale.
+Tolerances (docs/verification.md): the error of the Triton result against the float64
+reference on the same rounded inputs must be at most twice the error of PyTorch's dense
+computation in the input dtype, plus a small absolute term relative to the result's scale.
 """
 
 from __future__ import annotations

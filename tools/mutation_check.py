@@ -13,7 +13,7 @@ venv's editable install; the script checks that the scratch copy is what gets im
 
 Each mutant is a list of textual edits (old → new, each asserted to occur exactly once). A
 mistake the reference shares with the streaming code is planted in both, as it would be made
-by one misreading of LOSSES.md; a kernel mistake is planted in one backend. For each mutant the
+by one misreading of docs/losses.md; a kernel mistake is planted in one backend. For each mutant the
 script runs the pytest selection on the scratch copy and records which tests failed; it prints
 a markdown table: mutant → caught by (test ids) / NOT CAUGHT. It exits non-zero when a mutant
 is not caught or the unmutated selection does not pass. Not part of ``make test``.

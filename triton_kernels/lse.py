@@ -4,9 +4,9 @@ The four functions of the engine contract (``flashcon.engine``; executable state
 ``flashcon.backends.torch_stream``) over anchors ``q [N, D]`` and columns ``k [M, D]``:
 
 - ``lse_fwd``: lse_i = log(Σ_{P(i)} [w_pos e^{scale·s_ij} + k1 e^{−s_ij}] + Σ_{N(i)} w_neg e^{scale·s_ij}),
-  psum_i = Σ_{P(i)} s_ij, pcnt_i = |P(i)|  (LOSSES.md §0, §4.2 for the k1 stream);
+  psum_i = Σ_{P(i)} s_ij, pcnt_i = |P(i)|  (docs/losses.md §0, §4.2 for the k1 stream);
 - ``sp_fwd``: sp_i = Σ_{P(i)} softplus(η_i − scale·s_ij), r_i = Σ_{P(i)} σ(η_i − scale·s_ij)
-  (SINCERE's second pass, LOSSES.md §2);
+  (SINCERE's second pass, docs/losses.md §2);
 - ``lse_bwd`` / ``sp_bwd``: G_ij as in the contract, dq = G·k, dk = Gᵀ·q.
 
 Tiling
@@ -17,7 +17,7 @@ in BLOCK_D chunks (``_sim_tile``), so D is unbounded and no [BLOCK_M, D] registe
 The lse is an online log-sum-exp: a running max m_i and a sum l_i rescaled by e^{m_old − m_new}
 whenever the max grows; every exponent, including TCL's k1 term log(k1) − s_ij, is shifted by
 the same running max, so nothing is exponentiated unshifted (fp16/bf16 logits overflow e^x
-above 11.09, LOSSES.md §6).
+above 11.09, docs/losses.md §6).
 
 Weights enter as log-weights (log 0 = −inf): a zero weight then contributes exactly e^{−inf} = 0
 and the rest of the row is unchanged. The weighted sum costs one exponential per pair whatever

@@ -3,7 +3,7 @@
 Every backend implements the same four engine functions (``flashcon.engine``); a loss is a
 list of streamed log-sum-exps (each a weighting of positives, negatives and TCL's k1 term, see
 ``engine.lse_fwd``), optionally SINCERE's softplus pass, and a per-row combination done in
-PyTorch with the closed-form target terms (LOSSES.md §0, §3). Adding a loss is adding a row
+PyTorch with the closed-form target terms (docs/losses.md §0, §3). Adding a loss is adding a row
 here and its combination in ``functional``; adding a backend is implementing the four engine
 functions: the table serves both.
 """

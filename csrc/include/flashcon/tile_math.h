@@ -2,7 +2,7 @@
 //
 // Every function here is compiled for the host (used by csrc/cpu/) and, under nvcc, for the
 // device (used by csrc/cuda/), so the CPU tests execute exactly the arithmetic the GPU kernels
-// run. The formulas are the engine contract of python/flashcon/engine.py (LOSSES.md §0-§2):
+// run. The formulas are the engine contract of python/flashcon/engine.py (docs/losses.md §0-§2):
 //
 //   lse_i  = log( Σ_{P(i)} m_ij [w_pos e^{scale s_ij} + k1 e^{-s_ij}]
 //                 + Σ_{N(i)} w_neg e^{scale s_ij} )
