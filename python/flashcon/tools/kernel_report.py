@@ -17,6 +17,10 @@ Exits non-zero on a compile failure, any spill, shared memory over the architect
 
 Must run without ``TRITON_INTERPRET=1`` (interpreted kernels cannot be compiled); the tool
 clears it for its own process before importing the kernels.
+
+The specialisations one loss call launches, their occupancy, hot-loop SASS counts and a
+predicted GPU time: ``python -m flashcon.tools.cost_model`` (compiles through this module's
+``Spec`` and ``_signature``).
 """
 
 from __future__ import annotations
