@@ -287,14 +287,16 @@ def test_summary_from_the_run_files(tmp_path, capsys):
     assert "| tests-cuda | `not triton` | 40 | 1 | 0 | 0 | 100 | timeout |" in text
 
     # One row per point, TFLOP/s on the 8·N²·D model, speed-ups over both dense baselines.
-    assert "| loss | dtype | N | provider | fwd+bwd ms | peak MB | TFLOP/s |" in text
+    head = "| loss | dtype | N | provider | fwd+bwd ms | predicted ms | peak MB | TFLOP/s |"
+    assert head in text
     tflops = 8.0 * 4096**2 * 128 / 2e-3 / 1e12
-    row = f"| supcon | bf16 | 4096 | flashcon-triton | 2 | 10 | {tflops:.1f} | 2.00× | 0.50× | ok |"
+    row = "| supcon | bf16 | 4096 | flashcon-triton | 2 | — | 10 | "
+    row += f"{tflops:.1f} | 2.00× | 0.50× | ok |"
     assert row in text
     assert text.count("| supcon | bf16 | 4096 | flashcon-triton |") == 1
-    assert "| supcon | bf16 | 65536 | flashcon-triton | 30 | 10 |" in text
+    assert "| supcon | bf16 | 65536 | flashcon-triton | 30 | — | 10 |" in text
     assert "| — | 0.80× | ok |" in text  # no eager dense at 65536: it ran out of memory
-    assert "| supcon | bf16 | 65536 | reference | — | — | — | — | — | oom: CUDA OOM |" in text
+    assert "| supcon | bf16 | 65536 | reference | — | — | — | — | — | — | oom: CUDA OOM |" in text
     # Rows in sweep order: the fused path, compiled dense, eager dense at each N, N ascending.
     lines = [ln for ln in text.splitlines() if ln.startswith("| supcon | bf16 |")]
     assert [ln.split(" | ")[2:4] for ln in lines] == [
@@ -317,6 +319,37 @@ def test_summary_from_the_run_files(tmp_path, capsys):
         names = tar.getnames()
     assert "gpu-check/summary.md" in names
     assert "gpu-check/bench/supcon-bf16/supcon_bfloat16.csv" in names
+
+
+def test_summary_prints_the_cost_models_prediction_beside_the_measured_time(tmp_path):
+    out = tmp_path / "gpu-check"
+    _fake_run(out)
+    info = json.loads((out / "info.json").read_text())
+    (out / "info.json").write_text(json.dumps({**info, "device_name": "NVIDIA H200"}))
+    pred = {
+        "predictions": [
+            {"loss": "supcon", "dtype": "bf16", "n": 4096, "gpu": "H200", "ms": 0.33},
+            {"loss": "supcon", "dtype": "bf16", "n": 4096, "gpu": "H100", "ms": 9.0},
+            {"loss": "supcon", "dtype": "fp32", "n": 65536, "gpu": "H200", "ms": 173.0},
+        ],
+        "calibration": [
+            {"what": "fwd+bwd (fitted)", "n": 65536, "ms": 34.5, "pred_ms": 34.5, "ratio": 1.0}
+        ],
+    }
+    (out / "cost_model.json").write_text(json.dumps(pred))
+    text = check.summarize(out)
+    # The H200's prediction for the Triton point; none for the dense baselines or other N.
+    assert "| supcon | bf16 | 4096 | flashcon-triton | 2 | 0.33 | 10 |" in text
+    assert "| supcon | bf16 | 4096 | reference | 4 | — |" in text
+    assert "| supcon | bf16 | 65536 | flashcon-triton | 30 | — |" in text
+    assert "fwd+bwd (fitted), N = 65536: measured 34.5 ms, predicted 34.5 ms (ratio 1.00)" in text
+
+
+def test_cost_model_step_only_for_its_architectures(tmp_path):
+    step = check.cost_step((9, 0), tmp_path, "python3")
+    assert step.cmd[:5] == ["python3", "-m", "flashcon.tools.cost_model", "--archs", "90"]
+    assert step.cmd[-2:] == ["--json", str(tmp_path / "cost_model.json")]
+    assert check.cost_step((8, 0), tmp_path, "python3") is None
 
 
 def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
@@ -426,6 +459,14 @@ def test_run_all_orders_the_steps_and_reports_them(tmp_path, monkeypatch):
         return build, triton, backends, cuda
 
     monkeypatch.setattr(check, "plan_steps", plan)
+    write = "import json, sys; open(sys.argv[1], 'w').write(json.dumps({'predictions': []}))"
+    monkeypatch.setattr(
+        check,
+        "cost_step",
+        lambda cap, out, py_: check.Step(
+            "cost-model", [py, "-c", write, str(out / "cost_model.json")], 30.0
+        ),
+    )
     monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")  # a faster start, same counts
     sweeps = (
         check.Sweep("one", "supcon", "bfloat16", ("flashcon-triton",), (4096,), 15.0),
@@ -452,6 +493,7 @@ def test_run_all_orders_the_steps_and_reports_them(tmp_path, monkeypatch):
         "probe",
         "stage",
         "build",
+        "cost-model",
         "tests-triton",
         "backends",
         "tests-cuda",
@@ -468,6 +510,7 @@ def test_run_all_orders_the_steps_and_reports_them(tmp_path, monkeypatch):
     assert steps["tests-triton"]["status"] == "ok" and steps["tests-cuda"]["status"] == "failed"
     assert steps["bench-one"]["status"] == "ok"
     assert steps["bench-extra"]["status"] == "skipped"
+    assert steps["cost-model"]["status"] == "ok" and (out / "cost_model.json").exists()
     assert (tmp_path / "site" / "flashcon" / "__init__.py").exists()
 
     # The counts of a real pytest run read the same from its JUnit file and from its output.
@@ -478,5 +521,5 @@ def test_run_all_orders_the_steps_and_reports_them(tmp_path, monkeypatch):
     text = check.summarize(out)
     assert "| tests-triton | `triton or available or auto` | 1 | 0 | 0 | 0 |" in text
     assert "| tests-cuda | `not (triton or available or auto)` | 1 | 1 | 0 | 0 |" in text
-    assert "| supcon | bf16 | 4096 | flashcon-triton | 2 | 10 | 8.6 |" in text
+    assert "| supcon | bf16 | 4096 | flashcon-triton | 2 | — | 10 | 8.6 |" in text
     assert "backends: triton yes, cuda yes" in text

@@ -15,7 +15,9 @@ so that a step that hangs cannot take the others' time:
 2. ``stage``: ``python/flashcon`` and ``triton_kernels/`` (as ``flashcon/triton_kernels``)
    copied into ``build/gpu-check/site``, first on ``PYTHONPATH`` of every later step — the
    layout ``pip install`` gives, without pip.
-3. ``build``, in the background during step 4: ``setup.py build_ext --inplace --force`` for
+3. ``build``, in the background during step 4 (with ``cost-model``: the static cost model's
+   predictions for this GPU's architecture, ``python -m flashcon.tools.cost_model``, printed
+   beside the measured times): ``setup.py build_ext --inplace --force`` for
    the visible GPU only (``TORCH_CUDA_ARCH_LIST`` from its capability, ``MAX_JOBS=8``,
    ``FLASHCON_FORCE_CUDA=1``); the library is then copied into the stage and ``backends``
    records which backends load.
@@ -74,7 +76,10 @@ LIMITS = {
     "tests-triton": 150.0,  # 68 tests in 95 s with -n 6 (Triton's JIT fills ~/.triton)
     "backends": 60.0,  # one import
     "tests-cuda": 100.0,  # 60 tests in 62 s
+    "cost-model": 120.0,  # ~12 sm_90 compiles of a few seconds each, two at a time
 }
+# Architectures the cost model compiles for (its GPU table: H100 and H200, sm_90).
+COST_ARCHS = {(9, 0): "90"}
 TRITON_TESTS = "triton or available or auto"
 
 # The bench: flashcon's paths against eager and compiled dense SupCon, in the order each N
@@ -196,6 +201,16 @@ def plan_steps(
     for s in (triton, backends, cuda):
         s.env["PYTHONPATH"] = _pythonpath()
     return [build, triton, backends, cuda]
+
+
+def cost_step(capability: tuple[int, int], out: Path, py: str) -> Step | None:
+    """The cost model's predictions for this GPU (None where it has no table for it)."""
+    arch = COST_ARCHS.get(tuple(capability))
+    if arch is None:
+        return None
+    cmd = [py, "-m", "flashcon.tools.cost_model", "--archs", arch, "--no-ops", "-j", "2"]
+    cmd += ["--ns", "4096", "16384", "65536", "--json", str(out / "cost_model.json")]
+    return Step("cost-model", cmd, LIMITS["cost-model"], env={"PYTHONPATH": _pythonpath()})
 
 
 def _pythonpath() -> str:
@@ -497,6 +512,8 @@ def run_all(out: Path, deadline_s: float, tests: str) -> int:
         cap, cores = tuple(info["capability"]), info.get("cpu_count") or 1
         build, triton, backends, cuda = plan_steps(cap, py, cores, tests)
         building = run.start(build, background=True)
+        cost = cost_step(cap, out, py)
+        costing = run.start(cost, background=True) if cost else None
         run.run(triton)
         if run.wait(build, building) == 0:
             try:
@@ -512,6 +529,9 @@ def run_all(out: Path, deadline_s: float, tests: str) -> int:
         info["backends"] = _last_json(run.log(backends))
         save_info()
         run.run(cuda)
+        if cost is not None:
+            run.wait(cost, costing)
+            run.record(cost)
 
         for i, sweep in enumerate(SWEEPS):
             budget = allot(SWEEPS, i, run.left() - GRACE_S)
@@ -581,9 +601,42 @@ def _order(values: list[str], first: tuple[str, ...]) -> dict[str, int]:
 DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}
 
 
-def bench_table(points: list[dict]) -> str:
-    """One markdown row per point: loss, dtype, N, provider, fwd+bwd p50, peak memory, flop
-    rate, speed-ups over eager and compiled dense (>1: faster), status."""
+def load_predictions(out: Path) -> dict | None:
+    """The cost model's report of the run (``cost_model.json``), or None."""
+    path = out / "cost_model.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return None
+
+
+def _cost_model():
+    """``flashcon/tools/cost_model.py`` loaded by path: it imports nothing but the standard
+    library, and importing the package would import torch into this process."""
+    import importlib.util
+
+    name = "flashcon_cost_model"
+    if name not in sys.modules:
+        path = ROOT / "python" / "flashcon" / "tools" / "cost_model.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+def predicted(pred: dict | None, r: dict, device_name: str) -> float | None:
+    """The cost model's fwd+bwd ms for a measured point of the Triton symmetric path."""
+    if not pred or r.get("provider") != "flashcon-triton":
+        return None
+    return _cost_model().predicted_ms(pred, r["loss"], r["dtype"], r["N"], device_name)
+
+
+def bench_table(points: list[dict], pred: dict | None = None, device_name: str = "") -> str:
+    """One markdown row per point: loss, dtype, N, provider, fwd+bwd p50, the cost model's
+    prediction (flashcon-triton), peak memory, flop rate, speed-ups over eager and compiled
+    dense (>1: faster), status."""
     device = points[0].get("device", "cuda") if points else "cuda"
     unit, div = report.flop_unit(device)
     losses = _order([r["loss"] for r in points], tuple(dict.fromkeys(s.loss for s in SWEEPS)))
@@ -594,7 +647,7 @@ def bench_table(points: list[dict]) -> str:
         key=lambda r: (losses[r["loss"]], dtypes[r["dtype"]], r["N"], provs[r["provider"]]),
     )
     head = (
-        f"| loss | dtype | N | provider | fwd+bwd ms | peak MB | {unit} "
+        f"| loss | dtype | N | provider | fwd+bwd ms | predicted ms | peak MB | {unit} "
         "| vs eager dense | vs compiled dense | status |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -604,6 +657,7 @@ def bench_table(points: list[dict]) -> str:
         rate = r.get("fwdbwd_gflops")
         cells = [
             num(r.get("fwdbwd_ms_p50")),
+            num(predicted(pred, r, device_name), "{:.3g}"),
             num(r.get("peak_mb"), "{:.4g}"),
             num(None if rate is None else rate / div, "{:.1f}"),
             num(r.get("speedup_vs_reference"), "{:.2f}×"),
@@ -636,6 +690,7 @@ def summarize(out: Path) -> str:
     info = json.loads((out / "info.json").read_text()) if (out / "info.json").exists() else {}
     steps = json.loads((out / "steps.json").read_text()) if (out / "steps.json").exists() else []
     points, unavailable = bench_rows(out)
+    pred = load_predictions(out)
 
     cap = info.get("capability")
     device = info.get("device_name", "no CUDA device seen")
@@ -684,8 +739,23 @@ def summarize(out: Path) -> str:
         "8·N²·D model; *vs eager dense* / *vs compiled dense*: the fwd+bwd time of `reference` "
         "/ `torch.compile(reference)` at the same N over this one's (above 1: faster).",
         "",
-        bench_table(points) if points else "(no bench point ran)",
+        bench_table(points, pred, info.get("device_name", ""))
+        if points
+        else "(no bench point ran)",
     ]
+    if pred:
+        lines += [
+            "",
+            "*predicted ms*: the static cost model (`python -m flashcon.tools.cost_model`, "
+            "run here for this GPU's architecture with this Triton) — a prediction, to be "
+            "compared with the measured time beside it. Its calibration points:",
+            "",
+        ]
+        for c in pred.get("calibration", []):
+            lines.append(
+                f"- {c['what']}, N = {c['n']}: measured {c['ms']:.3g} ms, predicted "
+                f"{c['pred_ms']:.3g} ms (ratio {c['ratio']:.2f})"
+            )
     other = relative_to_supcon(points)
     if other:
         lines += ["", "Time over SupCon's: " + "; ".join(other) + "."]
@@ -720,8 +790,9 @@ def print_plan(capability: tuple[int, int], out: Path, cores: int, tests: str) -
     print(f"gpu-check plan: out {out}, deadline {DEADLINE_S:.0f} s, nominal {nominal_s():.0f} s")
     print(f"probe   [{LIMITS['probe']:.0f} s] {shlex.join([py, '-c', '<probe>'])}")
     print(f"stage   copy python/flashcon, triton_kernels -> {SITE}")
-    for s in plan_steps(capability, py, cores, tests):
-        tag = " (background, during tests-triton)" if s.name == "build" else ""
+    cost = cost_step(capability, out, py)
+    for s in plan_steps(capability, py, cores, tests) + ([cost] if cost else []):
+        tag = " (background, during tests-triton)" if s.name in ("build", "cost-model") else ""
         print(f"{s.name:<7} [{s.limit_s:.0f} s]{tag} {_shell(s, s.cmd)}")
     for sweep in SWEEPS:
         s = bench_step(sweep, sweep.planned_s, out, py)
