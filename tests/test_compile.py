@@ -1,6 +1,10 @@
-"""torch.compile: every loss traces into one graph, matches eager, and is shape-dynamic."""
+"""torch.compile: every loss traces into one graph, matches eager, and is shape-dynamic; with a
+mask or a queue too."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +20,9 @@ from flashcon.testing import (
     make_inputs,
     value_and_grads,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from inputs import B, D, V, small_labels, small_queue, unit  # noqa: E402
 
 BACKENDS = ["torch", *available_backends("cpu")]
 
@@ -128,3 +135,44 @@ def test_autocast_bf16_features(backend):
     ref.backward()
     assert_rounding_bound(out, ref, dtype=torch.float32, ulps=AUTOCAST_ULPS["loss"], name="loss")
     assert_rounding_bound(feats.grad, f64.grad, dtype=torch.bfloat16, ulps=AUTOCAST_ULPS["grad"])
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile(fullgraph=True) with a mask or a queue.
+
+
+def _compiled_matches_eager(fn, f: torch.Tensor) -> int:
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, backend=counter, fullgraph=True)
+    fc, fe = f.clone().requires_grad_(True), f.clone().requires_grad_(True)
+    vc, ve = compiled(fc), fn(fe)
+    vc.backward()
+    ve.backward()
+    assert_close(vc, ve, atol=1e-6, rtol=0, name="value")
+    assert_close(fc.grad, fe.grad, atol=1e-6, rtol=0, name="gradient")
+    return counter.frame_count
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_with_mask(backend):
+    """(The mask's data checks run in eager mode only: under torch.compile they would be a
+    data-dependent branch, which fullgraph tracing rejects.)"""
+    mask = torch.rand(B, B, generator=torch.Generator().manual_seed(19))
+    f = unit(B, V, D, seed=20, dtype=torch.float32)
+    assert (
+        _compiled_matches_eager(lambda f: flashcon.supcon_loss(f, None, mask, backend=backend), f)
+        == 1
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["int", "soft", "multihot"])
+def test_compile_with_queue(kind, backend):
+    q = small_queue(kind, seed=21)
+    y = small_labels(kind, seed=22)
+    f = unit(B, V, D, seed=23, dtype=torch.float32)
+    if kind == "soft":
+        fn = lambda f: flashcon.genscl_loss(f, y, queue=q, backend=backend)  # noqa: E731
+    else:
+        fn = lambda f: flashcon.sincere_loss(f, y, queue=q, backend=backend)  # noqa: E731
+    assert _compiled_matches_eager(fn, f) == 1

@@ -1,6 +1,10 @@
-"""Positives beyond one integer label: SupContrast's mask= and multi-hot labels, every backend."""
+"""Positives beyond one integer label: SupContrast's mask= and multi-hot labels, every backend
+(in fp16 and bf16 too); multi-label ESupCon up to its 64 prototypes."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +14,13 @@ from flashcon import MemoryQueue
 from flashcon import reference as R
 from flashcon.testing import assert_close, available_backends, value_and_grads
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import oracle as O  # noqa: E402
+from inputs import Bound  # noqa: E402
+
 # Triton runs through its interpreter without a GPU.
 BACKENDS = ["torch", *available_backends("cpu", "triton")]
+STREAMING = [b for b in BACKENDS if b != "triton"]
 
 # (atol, rtol) of the loss and of the gradients against the float64 reference. Measured on this
 # file's grid (torch, cpu, Triton interpreter): fp32 loss |err| <= 2.9e-6 (relative 2.5e-7;
@@ -157,3 +166,69 @@ def test_mask_rejects_queue_and_gather():
     # Rejected before any process group is needed (none exists here).
     with pytest.raises(ValueError, match="gather_distributed"):
         flashcon.supcon_loss(f, None, torch.ones(4, 4), gather_distributed=True, backend="torch")
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-label ESupCon: at most 64 prototypes.
+
+
+@pytest.mark.parametrize("backend", ["reference", *STREAMING])
+def test_multilabel_esupcon_64_prototypes(backend):
+    y = _multihot(8, 64, 13, density=0.05)
+    y[0, 63] = y[1, 63] = True  # label 63: the int64 sign bit of the bitmask
+    y[2, :] = False
+    y[2, 62] = True
+    f = _feats(8, 2, 5, torch.float64, seed=14).requires_grad_(True)
+    p = torch.randn(64, 5, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
+    p.requires_grad_(True)
+    kw = {"backend": backend} if backend != "reference" else {}
+    fn = R.esupcon_loss if backend == "reference" else flashcon.esupcon_loss
+    value = fn(f, y, p, **kw)
+    expected = O.esupcon(f, y, p)
+    assert_close(value, expected, atol=4e-14, rtol=0, name="value")
+    for g, e in zip(torch.autograd.grad(value, (f, p)), torch.autograd.grad(expected, (f, p))):
+        assert_close(g, e, atol=4e-14, rtol=0, name="gradient")
+    with pytest.raises(ValueError, match="64"):
+        fn(f.detach(), y, torch.randn(65, 5, dtype=torch.float64), **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks and multi-hot labels in fp16 and bf16: against the float64 reference on the same
+# rounded inputs (features and mask). Measured worst absolute errors over these cases (losses
+# ~6, gradients up to 1.34):
+#   loss: fp16 8.9e-7, bf16 7.4e-7 (every backend; statistics are fp32);
+#   gradient, fp16: torch/cpu 7.6e-4, triton 8.4e-4; bf16: torch/cpu 5.2e-3, triton 1.13e-2.
+#   The dense reference in fp32 with its gradient rounded to the dtype: 4.7e-4 / 3.8e-3.
+# Tolerances: loss 5e-6; gradient 2e-3 (fp16) and 2.5e-2 (bf16), 2.2-2.4× the worst measured.
+LOWP_GRAD_TOL = {torch.float16: 2e-3, torch.bfloat16: 2.5e-2}
+
+LOWP_CASES = {
+    "supcon_mask": lambda m, f, y, mask: m.supcon_loss(f, None, mask, temperature=0.1),
+    "supcon_in_one_mask": lambda m, f, y, mask: m.supcon_loss(
+        f, None, mask, temperature=0.1, variant="in", contrast_mode="one"
+    ),
+    "supcon_multihot": lambda m, f, y, mask: m.supcon_loss(f, y, temperature=0.1),
+    "sincere_multihot": lambda m, f, y, mask: m.sincere_loss(f, y, temperature=0.1),
+    "tcl_multihot": lambda m, f, y, mask: m.tcl_loss(f, y, k1=3.0),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", list(LOWP_CASES))
+def test_low_precision_masks_and_multihot(case, dtype, backend):
+    fn = LOWP_CASES[case]
+    b = 9
+    f = _feats(b, 2, 8, dtype, seed=16).requires_grad_(True)
+    g = torch.Generator().manual_seed(17)
+    mask = (torch.rand(b, b, generator=g) * (torch.rand(b, b, generator=g) < 0.5)).to(dtype)
+    y = _multihot(b, 5, 18, density=0.4)
+    value = fn(Bound(backend), f, y, mask)
+    assert value.dtype == torch.float32
+    f64 = f.detach().double().requires_grad_(True)
+    expected = fn(R, f64, y, mask.double())
+    assert_close(value, expected, atol=5e-6, rtol=0, name="value")
+    (grad,) = torch.autograd.grad(value, (f,))
+    (eg,) = torch.autograd.grad(expected, (f64,))
+    assert grad.dtype == dtype
+    assert_close(grad, eg, atol=LOWP_GRAD_TOL[dtype], rtol=0, name="gradient")

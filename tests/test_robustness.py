@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flashcon
+from flashcon import MemoryQueue
 from flashcon.testing import (
     LOSSES,
     assert_close,
@@ -19,6 +22,9 @@ from flashcon.testing import (
     make_inputs,
     value_and_grads,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from inputs import unit  # noqa: E402
 
 BACKENDS = ["torch", *available_backends("cpu")]
 ALL_BACKENDS = BACKENDS + available_backends("triton")
@@ -221,6 +227,67 @@ def test_bitwise_deterministic_on_cpu(backend, loss):
         assert torch.equal(val, runs[0][0])
         for key in g:
             assert torch.equal(g[key], runs[0][1][key])
+
+
+# The C++ CPU backend on every path (masks, multi-hot and soft labels, prototypes and a queue
+# included): bitwise the same run to run at 2 threads, and the symmetric path ('all' mode) the
+# same at 1 and 2 threads.
+_DET_B = 150  # 300 rows: several tiles per row and column
+
+
+def _det_cases() -> dict:
+    g = torch.Generator().manual_seed(24)
+    y = torch.randint(0, 5, (_DET_B,), generator=g)
+    mh = torch.rand(_DET_B, 6, generator=g) < 0.3
+    mask = torch.rand(_DET_B, _DET_B, generator=g)
+    soft = torch.rand(_DET_B, 4, generator=g)
+    p = torch.randn(5, 16, generator=g)
+    q = MemoryQueue(64, 16)
+    q.push(unit(32, 2, 16, seed=25, dtype=torch.float32), torch.randint(0, 5, (32,), generator=g))
+    return {
+        # 'all' mode: the symmetric path
+        "supcon": (True, lambda f: flashcon.supcon_loss(f, y, backend="cpu")),
+        "supcon_in": (True, lambda f: flashcon.supcon_loss(f, y, variant="in", backend="cpu")),
+        "supcon_mask": (True, lambda f: flashcon.supcon_loss(f, None, mask, backend="cpu")),
+        "supcon_multihot": (True, lambda f: flashcon.supcon_loss(f, mh, backend="cpu")),
+        "ntxent": (True, lambda f: flashcon.ntxent_loss(f, backend="cpu")),
+        "sincere": (True, lambda f: flashcon.sincere_loss(f, y, backend="cpu")),
+        "genscl": (True, lambda f: flashcon.genscl_loss(f, soft, backend="cpu")),
+        "tcl": (True, lambda f: flashcon.tcl_loss(f, y, backend="cpu")),
+        # rectangular: the general path
+        "supcon_one": (
+            False,
+            lambda f: flashcon.supcon_loss(f, y, contrast_mode="one", backend="cpu"),
+        ),
+        "supcon_queue": (False, lambda f: flashcon.supcon_loss(f, y, queue=q, backend="cpu")),
+        "esupcon": (False, lambda f: flashcon.esupcon_loss(f, y, p, backend="cpu")),
+    }
+
+
+def _run_at(threads: int, fn, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fx = f.clone().requires_grad_(True)
+        v = fn(fx)
+        v.backward()
+        return v.detach(), fx.grad
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ CPU backend is not built")
+@pytest.mark.parametrize("case", list(_det_cases()))
+def test_cpu_bitwise_deterministic(case):
+    symmetric, fn = _det_cases()[case]
+    f = unit(_DET_B, 2, 16, seed=26, dtype=torch.float32)
+    first = _run_at(2, fn, f)
+    again = _run_at(2, fn, f)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1]), "run to run"
+    if symmetric:  # README: "the symmetric path at any thread count"
+        one = _run_at(1, fn, f)
+        assert torch.equal(first[0], one[0]), "value differs between 1 and 2 threads"
+        assert torch.equal(first[1], one[1]), "gradient differs between 1 and 2 threads"
 
 
 def _rss_mb() -> float:

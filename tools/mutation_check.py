@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_TESTS = [
     "tests/test_oracle.py",
-    "tests/test_promises.py::test_queue_and_multihot_on_kernel_backends",
-    "tests/test_promises.py::test_low_precision_masks_and_multihot",
+    "tests/test_queue.py::test_queue_and_multihot_on_kernel_backends",
+    "tests/test_positives.py::test_low_precision_masks_and_multihot",
 ]
 
 
