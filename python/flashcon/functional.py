@@ -507,7 +507,10 @@ def genscl_loss(
 ) -> Tensor:
     """GenSCL (Kim et al. 2022): cross-entropy of label cosine similarity vs latent softmax.
 
-    With one-hot labels this is SupCon L_out.
+    With one-hot labels this is SupCon L_out. The streamed pass reads 16-bit features through
+    an fp32 copy, the one the closed-form terms use, so the two parts' nearly cancelling
+    gradients are summed before they are rounded to the features' dtype (at the cost of the
+    16-bit kernels' speed).
 
     Args:
         features: ``[B, V, D]`` or ``[N, D]`` (dtypes as :func:`supcon_loss`).
@@ -532,13 +535,18 @@ def genscl_loss(
     # Every other column is in the softmax: one label for all, positives weighted like negatives.
     dummy = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
     c = _contrast(z, dummy, gather=gather_distributed, group=group, queue=queue, soft=y_hat)
+    # The engine and the closed forms read one cast of the features: the two parts' gradients
+    # nearly cancel (exactly, for one column), so they must be summed before the one rounding
+    # to the features' dtype. With a cast each they were rounded apart: 16-bit gradients 2-3x
+    # their output rounding, 2^-5 in bf16 where the exact gradient is 0.
+    zf = z.to(acc)
+    cf = zf if c.cols is z else c.cols.to(acc)  # the very same tensor: the symmetric path
     col_dummy = dummy
-    if c.cols is not z:
-        col_dummy = torch.zeros(c.cols.shape[0], dtype=torch.long, device=z.device)
-    lse, _, _ = _lse(eng, "genscl", 0, z, c.cols, dummy, col_dummy, c.offset, t)
+    if cf is not zf:
+        col_dummy = torch.zeros(cf.shape[0], dtype=torch.long, device=z.device)
+    lse, _, _ = _lse(eng, "genscl", 0, zf, cf, dummy, col_dummy, c.offset, t)
     # Closed forms (LOSSES.md §3.2) over the columns C (self included, then subtracted):
     # M_i = ŷ_i·Σ_{j∈C} ŷ_j − ŷ_i·ŷ_i,  A_i = ((ŷ_i Ŷ_Cᵀ Z_C)·z_i − (ŷ_i·ŷ_i)‖z_i‖²)/τ.
-    zf, cf = z.to(acc), c.cols.to(acc)
     self_m = (y_hat * y_hat).sum(dim=1)
     big_m = y_hat @ c.soft.sum(dim=0) - self_m
     sq = (zf * zf).sum(dim=1)

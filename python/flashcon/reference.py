@@ -238,7 +238,10 @@ def genscl_loss(
     lse, has_any = _safe_logsumexp(logits, not_self)
     lse_safe = torch.where(has_any, lse, torch.zeros_like(lse))
     a = (m * logits).sum(dim=1)
-    rows = (big_m * lse_safe - a) / (big_m + 1e-8)
+    # M_i = 0 means every m_ij = 0: the row is 0. (There M_i + 1e-8 would be 0 in fp16, where
+    # 1e-8 underflows: 0/0.)
+    has = big_m > 0
+    rows = (big_m * lse_safe - a) / torch.where(has, big_m + 1e-8, torch.ones_like(big_m))
     return (temperature / base_temperature) * rows.mean()
 
 
