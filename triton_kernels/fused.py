@@ -26,7 +26,8 @@ N below ~10⁵. Here they are five small kernels, and nothing reaches the host:
   0), cast to the input dtype, without the padding columns.
 
 Losses (``LOSS``): ``OUT`` is ℓ_i = [C_i > 0]·(LSE_i − psum_i/(τ·C_i)) — SupCon L_out,
-NT-Xent (labels are sample ids) and TCL (its D_i is the LSE with weights (1, k2, k1)).
+NT-Xent (labels are sample ids) and TCL (its D_i is the LSE with weights (1, k2, k1)) —
+and exactly 0 where the LSE has a single term, the row's one positive (``_one_term``).
 ``SINCERE`` runs the finish twice: stage 0 makes η_i (the LSE over negatives) and zeroes the
 softplus sums, stage 1 reduces ℓ_i = sp_i / max(C_i, 1). The loss is (weight/N)·Σ_i ℓ_i
 (weight = τ/τ_b for SupCon, 1 otherwise; the 1/N is taken on the device so that no float
@@ -194,6 +195,16 @@ def _lse_of_sums(s1, s2, l1, l2, HAS_K1: tl.constexpr):
 
 
 @triton.jit
+def _one_term(pcnt, plan_ptr, N, HAS_K1: tl.constexpr):
+    """The 'out' rows whose LSE has a single term, their one positive: no k1 term, and no
+    weighted negative (N = 2, one column per row; or negatives of weight 0: c_neg = 0)."""
+    if HAS_K1:
+        return pcnt < 0.0  # never (a count): all False
+    c_neg = tl.load(plan_ptr + 3)
+    return (pcnt == 1.0) & ((N == 2) | (c_neg == 0.0))
+
+
+@triton.jit
 def _finish_kernel(
     sums_ptr,
     lse_g_ptr,
@@ -259,7 +270,9 @@ def _finish_kernel(
         tl.store(stats_ptr + 3 * N + rows, psum, mask=ok)
         fin = (lse > float("-inf")) & (lse < float("inf"))
         if LOSS == 0:
-            has = pcnt > 0
+            # A row whose LSE has one term, its one positive, is exactly 0 (so is its
+            # gradient: _bwd_prep_kernel); computed, the two sides would not cancel exactly.
+            has = (pcnt > 0) & ~_one_term(pcnt, plan_ptr, N, HAS_K1)
             c = tl.where(has, pcnt, 1.0)
             row = tl.where(fin, lse, 0.0) - scale * psum / c
             total += tl.where(ok & has, row, 0.0)
@@ -325,7 +338,7 @@ def _bwd_prep_kernel(
     pcnt = tl.load(stats_ptr + N + rows, mask=ok, other=0.0)
     fin = (lse > float("-inf")) & (lse < float("inf"))
     if LOSS == 0:
-        has = pcnt > 0
+        has = (pcnt > 0) & ~_one_term(pcnt, plan_ptr, N, HAS_K1)
         g_lse = tl.where(has & fin, gf, 0.0)
         g_psum = tl.where(has, -gf * scale / tl.where(has, pcnt, 1.0), 0.0)
         g_sp = tl.zeros([BLOCK_R], dtype=tl.float32)

@@ -257,12 +257,27 @@ def _finite_or_zero(x: Tensor) -> Tensor:
     return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
 
 
-def _out_rows(lse: Tensor, psum: Tensor, pcnt: Tensor, t: float) -> Tensor:
-    """SupCon L_out per row: LSE_i − Q_i/C_i with Q_i = psum_i/τ; 0 without positives."""
+def _out_rows(
+    lse: Tensor, psum: Tensor, pcnt: Tensor, t: float, one_term: Tensor | bool = False
+) -> Tensor:
+    """SupCon L_out per row: LSE_i − Q_i/C_i with Q_i = psum_i/τ; 0 without positives.
+
+    ``one_term``: the rows (a bool tensor, or True for every row) whose log-sum-exp has a
+    single term, their one positive: there LSE_i = ℓ_ip = Q_i/C_i, so the row is exactly 0
+    (and so is its gradient), but the two sides come from different roundings (the engine's
+    shifted sum, the closed form) and would leave ~1e-6 in fp32.
+    """
     has = pcnt > 0
     # pcnt is a count for labels but a sum of weights (possibly < 1) for a mask.
     row = _finite_or_zero(lse) - psum / (t * torch.where(has, pcnt, torch.ones_like(pcnt)))
-    return torch.where(has, row, torch.zeros_like(row))
+    return torch.where(_keep(has, one_term), row, torch.zeros_like(row))
+
+
+def _keep(has: Tensor, one_term: Tensor | bool) -> Tensor:
+    """The rows whose computed loss is kept: those with a positive, less the one-term rows."""
+    if isinstance(one_term, Tensor):
+        return has & ~one_term
+    return torch.zeros_like(has) if one_term else has
 
 
 _DIST_DOC = """
@@ -371,13 +386,14 @@ def supcon_loss(
     q, qlab = _anchors(z, y, na)
     spec = f"supcon_{variant}"
     lse, psum, pcnt = _lse(eng, spec, 0, q, c.cols, qlab, c.labels, c.offset, t, multilabel=ml)
+    one_term = c.cols.shape[0] == 2  # every anchor has one column (besides itself)
     if variant == "out":
-        rows = _out_rows(lse, psum, pcnt, t)
+        rows = _out_rows(lse, psum, pcnt, t, one_term)
     else:
         lse_p, _, _ = _lse(eng, spec, 1, q, c.cols, qlab, c.labels, c.offset, t, multilabel=ml)
         has = pcnt > 0
         rows = _finite_or_zero(lse) - _finite_or_zero(lse_p) + torch.log(pcnt.clamp_min(1))
-        rows = torch.where(has, rows, torch.zeros_like(rows))
+        rows = torch.where(_keep(has, one_term), rows, torch.zeros_like(rows))
     n_global = c.n_batch // v if contrast_mode == "one" else c.n_batch
     return ((t / tb) * _reduce(rows.sum(), n_global, c.world)).to(_acc(z))
 
@@ -398,13 +414,14 @@ def _supcon_masked(eng, z, b, mask, t, tb, contrast_mode, variant, gather, queue
     q, qlab = _anchors(z, zeros, na)
     lse, _, _ = _lse(eng, "supcon_mask", 0, q, z, qlab, zeros, 0, t)
     lse_p, psum, pcnt = _lse(eng, "supcon_mask", 1, q, z, qlab, zeros, 0, t, pos_weight=w)
+    one_term = z.shape[0] == 2
     if variant == "out":
-        rows = _out_rows(lse, psum, pcnt, t)
+        rows = _out_rows(lse, psum, pcnt, t, one_term)
     else:
         has = pcnt > 0
         log_c = torch.log(torch.where(has, pcnt, torch.ones_like(pcnt)))
         rows = _finite_or_zero(lse) - _finite_or_zero(lse_p) + log_c
-        rows = torch.where(has, rows, torch.zeros_like(rows))
+        rows = torch.where(_keep(has, one_term), rows, torch.zeros_like(rows))
     return ((t / tb) * rows.mean()).to(_acc(z))
 
 
@@ -565,6 +582,8 @@ def genscl_loss(
     a = a + (torch.minimum(torch.maximum(a, -bound), bound) - a).detach()
     a = torch.where(live, a, torch.zeros_like(a))
     rows = (big_m * _finite_or_zero(lse) - a) / (big_m + 1e-8)
+    # One column per anchor: M_i·(LSE_i − ℓ_ij)/(M_i + ε) = 0 exactly, as for SupCon.
+    rows = torch.where(_keep(live, cf.shape[0] == 2), rows, torch.zeros_like(rows))
     return ((t / tb) * _reduce(rows.sum(), c.n_batch, c.world)).to(acc)
 
 
@@ -612,7 +631,9 @@ def tcl_loss(
     log_d, psum, pcnt = _lse(
         eng, "tcl", 0, z, c.cols, y, c.labels, c.offset, t, opts, multilabel=ml
     )
-    rows = _out_rows(log_d, psum, pcnt, t)
+    # D_i has one term where the row's only positive is its only weighted column.
+    one_term = (pcnt == 1) & (k1 == 0 and (k2 == 0 or c.cols.shape[0] == 2))
+    rows = _out_rows(log_d, psum, pcnt, t, one_term)
     return _reduce(rows.sum(), c.n_batch, c.world).to(_acc(z))
 
 
@@ -692,7 +713,7 @@ def esupcon_loss(
     cols = torch.cat([c.cols, u], dim=0)
     col_lab = torch.cat([c.labels, cls])
     lse, psum, pcnt = _lse(eng, "esupcon", 0, z, cols, y, col_lab, c.offset, t, multilabel=ml)
-    total = _out_rows(lse, psum, pcnt, t).sum()
+    total = _out_rows(lse, psum, pcnt, t, cols.shape[0] == 2).sum()
     count = torch.full((), c.n_batch, dtype=lse.dtype, device=z.device)
     if prototype_anchors:
         # Every prototype is a row; those of classes with no sample among the columns have no
@@ -701,7 +722,8 @@ def esupcon_loss(
             eng, "esupcon", 0, u, c.cols, cls, c.labels, -1, t, multilabel=ml
         )
         # Each rank computes every prototype anchor: weigh them 1/W so they count once.
-        total = total + _out_rows(lse_p, psum_p, pcnt_p, t).sum() / c.world
+        one_col = c.cols.shape[0] == 1
+        total = total + _out_rows(lse_p, psum_p, pcnt_p, t, one_col).sum() / c.world
         count = count + (pcnt_p > 0).sum().to(count.dtype)
     return ((t / tb) * _reduce(total, count, c.world)).to(_acc(z))
 

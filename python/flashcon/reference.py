@@ -105,7 +105,10 @@ def _supcon_rows(
         logw = torch.log(pos_w.clamp_min(0)).masked_fill(pos_w <= 0, _NEG_INF)
         lse_p, _ = _safe_logsumexp(logits + torch.where(pos_w > 0, logw, 0.0), pos_w > 0)
         row = lse - lse_p + torch.log(c_safe)
-    row = torch.where(has_pos, row, torch.zeros_like(row))
+    # An anchor whose only column is its positive has loss exactly 0 (LSE = ℓ_p); with a
+    # weight w the computed target w·ℓ_p/w could be an ulp off it.
+    one_term = valid.sum(dim=1) == 1
+    row = torch.where(has_pos & ~one_term, row, torch.zeros_like(row))
     return row, has_pos
 
 
