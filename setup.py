@@ -249,11 +249,12 @@ setup(
     packages=[
         "flashcon",
         "flashcon.tools",
+        "flashcon.tools.cost_model",
         "flashcon.backends",
         "flashcon.triton_kernels",
     ],
     package_dir={"": "python", "flashcon.triton_kernels": "triton_kernels"},
-    package_data={"flashcon": ["py.typed"]},
+    package_data={"flashcon": ["py.typed"], "flashcon.tools.cost_model": ["*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -613,13 +613,13 @@ def load_predictions(out: Path) -> dict | None:
 
 
 def _cost_model():
-    """``flashcon/tools/cost_model.py`` loaded by path: it imports nothing but the standard
-    library, and importing the package would import torch into this process."""
+    """``flashcon/tools/cost_model/lookup.py`` loaded by path: it imports nothing but the
+    standard library, and importing the package would import torch into this process."""
     import importlib.util
 
-    name = "flashcon_cost_model"
+    name = "flashcon_cost_model_lookup"
     if name not in sys.modules:
-        path = ROOT / "python" / "flashcon" / "tools" / "cost_model.py"
+        path = ROOT / "python" / "flashcon" / "tools" / "cost_model" / "lookup.py"
         spec = importlib.util.spec_from_file_location(name, path)
         sys.modules[name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(sys.modules[name])
