@@ -58,6 +58,41 @@ def flatten_features(features: Tensor, name: str = "features") -> tuple[Tensor, 
     return z, b, v
 
 
+def merge_trailing(features: Tensor, name: str = "features") -> Tensor:
+    """``[B, V, ...]`` with more than three dimensions becomes ``[B, V, D]``, the trailing
+    dimensions flattened (SupContrast's ``features.view(B, V, -1)``); other shapes unchanged."""
+    check_tensor(features, name)
+    if features.dim() > 3:
+        return features.reshape(features.shape[0], features.shape[1], -1)
+    return features
+
+
+def class_ids(labels: object, name: str = "labels", *, column: bool = False) -> object:
+    """Class ids given the way SupContrast and pytorch-metric-learning take them, as int64.
+
+    Floating labels with integral values become int64 (both compare labels by equality; a
+    non-integral or non-finite float label raises rather than being truncated). With
+    ``column=True`` a non-bool ``[B, 1]`` becomes ``[B]`` (SupContrast reads
+    ``labels.view(-1, 1)``). Anything else (None, integer ids, multi-hot bool) is returned
+    unchanged for the usual checks.
+    """
+    if not isinstance(labels, Tensor) or labels.dtype == torch.bool:
+        return labels
+    if column and labels.dim() == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if not labels.is_floating_point():
+        return labels
+    if _eager() and labels.numel() > 0:
+        ok = torch.isfinite(labels) & (labels == labels.trunc()) & (labels.abs() < 2.0**62)
+        if not bool(ok.all()):
+            bad = labels[~ok][0].item()
+            raise ValueError(
+                f"{name} are compared as class ids: floating {name} must hold integral values, "
+                f"got {bad}"
+            )
+    return labels.long()
+
+
 def check_multiview(features: Tensor, name: str = "features") -> None:
     check_tensor(features, name)
     if features.dim() != 3:

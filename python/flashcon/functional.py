@@ -325,17 +325,23 @@ def supcon_loss(
     """Supervised contrastive loss (Khosla et al. 2020), SupContrast's ``SupConLoss``.
 
     Args:
-        features: ``[B, V, D]`` (V views of B samples, flattened view-major) or ``[N, D]``
-            (one view each); fp16, bf16 or fp32 on every backend, fp64 on ``'cpu'``,
-            ``'torch'`` and ``'reference'`` (the GPU backends refuse it). Not normalised
-            inside.
-        labels: integer class ids ``[B]``, or multi-hot bool ``[B, L]`` (L <= 64; two samples
-            are positives when they share a label). ``labels=None`` and ``mask=None`` gives
-            SimCLR (the other views of a sample are its positives).
+        features: ``[B, V, D]`` (V views of B samples, flattened view-major; ``[B, V, ...]``
+            with more dimensions is flattened to ``[B, V, D]``, as SupContrast does) or
+            ``[N, D]`` (one view each); fp16, bf16 or fp32 on every backend, fp64 on
+            ``'cpu'``, ``'torch'`` and ``'reference'`` (the GPU backends refuse it). Not
+            normalised inside.
+        labels: class ids ``[B]`` or ``[B, 1]`` (integer, or floating with integral values;
+            SupContrast compares them by equality), or multi-hot bool ``[B, L]`` (L <= 64;
+            two samples are positives when they share a label; a bool ``[B, 1]`` is multi-hot
+            too). ``labels=None`` and ``mask=None`` gives SimCLR (the other views of a sample
+            are its positives).
         mask: SupContrast's ``[B, B]`` positive weights (bool, integer or non-negative float,
             possibly asymmetric), tiled over the views; every streaming backend reads it per
             tile (nothing N×N is built). Exclusive with ``labels``; cannot be combined with
-            ``gather_distributed`` or ``queue``.
+            ``gather_distributed`` or ``queue``. An anchor's weighted sum is divided by its
+            total weight, however small; SupContrast divides by 1 where that total is below
+            1e-6 (its guard for anchors without positives), which scales such an anchor's
+            loss down by its total weight. A total of 0 gives 0 in both.
         temperature: τ (default 0.07, as SupContrast).
         base_temperature: τ_b; the loss is scaled by τ/τ_b, as SupContrast does (its recipe
             ``--temp 0.1`` keeps τ_b = 0.07, a ×1.43 gradient scale). Pass τ_b = τ to remove it.
@@ -343,8 +349,11 @@ def supcon_loss(
         variant: ``'out'`` (L_out, the paper's and code's loss) or ``'in'`` (L_in).
 
     Anchors without positives contribute 0 and still count in the mean (SupContrast HEAD;
-    its 2020 code returned NaN).
+    its 2020 code returned NaN). An anchor whose only column is its positive (a batch of one
+    sample and two views) gives exactly 0.
     """
+    features = V.merge_trailing(features, "features")
+    labels = V.class_ids(labels, "labels", column=True)
     z, b, v = V.flatten_features(features, "features")
     t = V.check_temperature(temperature, "temperature")
     tb = V.check_temperature(base_temperature, "base_temperature")

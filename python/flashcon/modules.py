@@ -15,6 +15,13 @@ from .queue import MemoryQueue
 class SupConLoss(nn.Module):
     """Drop-in for SupContrast's ``SupConLoss``: ``forward(features, labels=None, mask=None)``.
 
+    It takes what SupContrast takes: features ``[B, V, ...]`` (trailing dimensions
+    flattened) or ``[N, D]``, labels ``[B]`` or ``[B, 1]``, integer or integral floating.
+    Where it differs: the loss is returned in fp32 for fp16/bf16 features (fp64 for fp64),
+    where SupContrast returns the features' dtype; an anchor whose mask weights sum to less
+    than 1e-6 is divided by that sum, where SupContrast divides by 1 (see
+    :func:`flashcon.supcon_loss`'s ``mask``).
+
     Args:
         temperature: τ (default 0.07).
         contrast_mode: ``'all'`` (default) or ``'one'``.
@@ -56,8 +63,9 @@ class SupConLoss(nn.Module):
         """The loss of :func:`flashcon.supcon_loss` with this module's options.
 
         Args:
-            features: ``[B, V, D]`` or ``[N, D]``.
-            labels: class ids ``[B]``, multi-hot bool ``[B, L]`` or ``None`` (SimCLR).
+            features: ``[B, V, D]`` (``[B, V, ...]`` is flattened to it) or ``[N, D]``.
+            labels: class ids ``[B]`` or ``[B, 1]`` (integer or integral floating), multi-hot
+                bool ``[B, L]`` or ``None`` (SimCLR).
             mask: SupContrast's ``[B, B]`` positive weights (exclusive with ``labels``).
             queue: an optional :class:`flashcon.MemoryQueue` of extra contrast columns.
         """

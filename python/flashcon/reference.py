@@ -127,6 +127,8 @@ def supcon_loss(
 
     Arguments as :func:`flashcon.supcon_loss`.
     """
+    features = V.merge_trailing(features, "features")
+    labels = V.class_ids(labels, "labels", column=True)
     z, b, v = V.flatten_features(features, "features")
     V.check_temperature(temperature, "temperature")
     V.check_temperature(base_temperature, "base_temperature")
