@@ -98,7 +98,11 @@ class NTXentLoss(nn.Module):
         temperature: τ (default 0.5).
         backend: as the functional losses' ``backend`` (default ``'auto'``).
         gather_distributed: gather the global batch from every rank of ``group`` (see
-            :func:`flashcon.supcon_loss`).
+            :func:`flashcon.supcon_loss`). As lightly's ``NTXentLoss``: without an
+            initialised process group the loss runs as a single process, and where
+            ``torch.distributed`` is not available at all the constructor raises. (The
+            functional :func:`flashcon.ntxent_loss` and the other losses raise without a
+            process group instead.)
         group: the process group (default: the world).
     """
 
@@ -110,6 +114,11 @@ class NTXentLoss(nn.Module):
         group=None,
     ) -> None:
         super().__init__()
+        if gather_distributed and not torch.distributed.is_available():
+            raise ValueError(
+                "gather_distributed=True but torch.distributed is not available in this torch "
+                "build; pass gather_distributed=False"
+            )
         self.temperature = V.check_temperature(temperature, "temperature")
         self.backend = backend
         self.gather_distributed = bool(gather_distributed)
@@ -122,11 +131,13 @@ class NTXentLoss(nn.Module):
             features: ``[B, V, D]``.
             queue: an optional :class:`flashcon.MemoryQueue` of extra contrast columns.
         """
+        # lightly gathers only where a process group is initialised (one process otherwise).
+        gather = self.gather_distributed and torch.distributed.is_initialized()
         return F.ntxent_loss(
             features,
             temperature=self.temperature,
             backend=self.backend,
-            gather_distributed=self.gather_distributed,
+            gather_distributed=gather,
             group=self.group,
             queue=queue,
         )
