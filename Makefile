@@ -57,7 +57,7 @@ bench-micro: $(EXT_STAMP)
 
 # On a machine with one CUDA GPU and a Python whose torch sees it (no .venv, nothing installed):
 # the extension built for that GPU, `pytest -m gpu`, the bench sweep and one summary, within
-# 8 minutes, in $(GPU_CHECK_OUT)/ and $(GPU_CHECK_OUT).tgz (bench/README.md).
+# 9 minutes, in $(GPU_CHECK_OUT)/ and $(GPU_CHECK_OUT).tgz (bench/README.md).
 GPU_PY ?= python3
 GPU_CHECK_OUT ?= gpu-check
 gpu-check:

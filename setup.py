@@ -254,7 +254,12 @@ setup(
         "flashcon.triton_kernels",
     ],
     package_dir={"": "python", "flashcon.triton_kernels": "triton_kernels"},
-    package_data={"flashcon": ["py.typed"], "flashcon.tools.cost_model": ["*.json"]},
+    package_data={
+        "flashcon": ["py.typed"],
+        "flashcon.tools.cost_model": ["*.json"],
+        # The symmetric kernels' tuned table (triton_kernels/tuning.py), once a GPU run wrote it.
+        "flashcon.triton_kernels": ["tuned.json"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

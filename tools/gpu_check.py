@@ -1,4 +1,4 @@
-"""``make gpu-check``: build, test and benchmark flashcon on one CUDA GPU within 8 minutes.
+"""``make gpu-check``: build, test, tune and benchmark flashcon on one CUDA GPU within 9 minutes.
 
     python3 tools/gpu_check.py                        # writes gpu-check/ and gpu-check.tgz
     python3 tools/gpu_check.py --out /tmp/gc --tgz "$OUT/gpu-check.tgz"
@@ -58,9 +58,9 @@ sys.path.insert(0, str(BENCH))  # bench/report.py: the bench's CSV reader and ta
 
 import report  # noqa: E402
 
-# 8 minutes is 480 s: the steps end by DEADLINE_S - SUMMARY_S, the summary and the pack take
-# about a second, and the rest is left for the start of make and Python.
-DEADLINE_S = 470.0
+# The steps end by DEADLINE_S - SUMMARY_S, within 9 minutes (540 s of a lent GPU's 15; one
+# command may run 10): the summary and the pack take about a second.
+DEADLINE_S = 530.0
 SUMMARY_S = 5.0
 # A step past its limit gets SIGINT (pytest and bench/run.py then write what they have),
 # and SIGKILL GRACE_S later.
@@ -77,7 +77,13 @@ LIMITS = {
     "backends": 60.0,  # one import
     "tests-cuda": 100.0,  # 60 tests in 62 s
     "cost-model": 120.0,  # ~12 sm_90 compiles of a few seconds each, two at a time
+    "tune": 90.0,  # ~24 compiles in 8 processes, then ~50 timed candidates of 0.1-0.5 s
 }
+# The tuner's keys here (python -m flashcon.tools.tune): the LSE pass of SupCon / NT-Xent /
+# SINCERE in bf16 and fp32 at the two large sizes, its timing within TUNE_BUDGET_S.
+TUNE_ARGS = ("--families", "lse", "--ns", "16384", "65536", "--jobs", "8")
+TUNE_BUDGET_S = 30.0
+TUNE_EXPECTED_S = 60.0  # its compiles and timings as planned (not yet timed on a GPU)
 # Architectures the cost model compiles for (its GPU table: H100 and H200, sm_90).
 COST_ARCHS = {(9, 0): "90"}
 TRITON_TESTS = "triton or available or auto"
@@ -213,6 +219,25 @@ def cost_step(capability: tuple[int, int], out: Path, py: str) -> Step | None:
     return Step("cost-model", cmd, LIMITS["cost-model"], env={"PYTHONPATH": _pythonpath()})
 
 
+def tune_step(out: Path, py: str) -> Step:
+    """The symmetric kernels tuned on this GPU; the table goes to ``out`` and, for the bench
+    sweeps after it, into the stage."""
+    cmd = [py, "-m", "flashcon.tools.tune", *TUNE_ARGS, "--budget", f"{TUNE_BUDGET_S:.0f}"]
+    cmd += ["--out", str(out / "tuned.json")]
+    return Step("tune", cmd, LIMITS["tune"], env={"PYTHONPATH": _pythonpath()})
+
+
+def install_table(out: Path, site: Path | None = None) -> str:
+    """Copy the run's tuned table into the stage, where the launchers read it."""
+    site = SITE if site is None else site
+    table = out / "tuned.json"
+    if not table.exists():
+        return "no table written"
+    shutil.copy2(table, site / "flashcon" / "triton_kernels" / "tuned.json")
+    n = len(json.loads(table.read_text()).get("entries", {}))
+    return f"{n} keys tuned"
+
+
 def _pythonpath() -> str:
     old = os.environ.get("PYTHONPATH")
     return str(SITE) + (os.pathsep + old if old else "")
@@ -246,9 +271,10 @@ def allot(sweeps: tuple[Sweep, ...], index: int, left_s: float) -> float:
 def nominal_s() -> float:
     """Expected time of the steps, from the H200 run's timings: probe and stage (6 s), the
     build (100 s, the Triton tests' 95 s beside it), the backends probe (3 s), the CUDA
-    tests (62 s), the required sweeps with bench/run.py's own start and output each."""
+    tests (62 s), the tuner (planned, not yet timed on a GPU), the required sweeps with
+    bench/run.py's own start and output each."""
     sweeps = sum(s.planned_s + BENCH_START_S for s in SWEEPS if s.required)
-    return 6.0 + 100.0 + 3.0 + 62.0 + sweeps
+    return 6.0 + 100.0 + 3.0 + 62.0 + TUNE_EXPECTED_S + sweeps
 
 
 # --------------------------------------------------------------------------------------------
@@ -532,6 +558,10 @@ def run_all(out: Path, deadline_s: float, tests: str) -> int:
         if cost is not None:
             run.wait(cost, costing)
             run.record(cost)
+        tune = tune_step(out, py)
+        if run.run(tune) == 0:
+            tune.note = install_table(out)
+            run.record(tune)
 
         for i, sweep in enumerate(SWEEPS):
             budget = allot(SWEEPS, i, run.left() - GRACE_S)
@@ -684,6 +714,30 @@ def relative_to_supcon(points: list[dict]) -> list[str]:
     return lines
 
 
+def tuned_lines(out: Path) -> list[str]:
+    """The tuned table of the run: one row per key, its time against the fixed table's."""
+    path = out / "tuned.json"
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    lines = [
+        "",
+        "## Tuned symmetric kernels (`python -m flashcon.tools.tune`; the sweeps above use them)",
+        "",
+        "| key | ms | fixed table ms | choice |",
+        "|---|---|---|---|",
+    ]
+    for key, e in data.get("entries", {}).items():
+        c = e["choice"]
+        choice = ", ".join(f"{k}={v}" for k, v in c.items())
+        fixed = report.num(e.get("default_ms"), "{:.3g}")
+        shown = key.replace("|", " ")  # a pipe would split the markdown cell
+        lines.append(f"| `{shown}` | {e['ms']:.3g} | {fixed} | {choice} |")
+    if not data.get("entries"):
+        lines.append("| (none: no key was timed) | | | |")
+    return lines
+
+
 def summarize(out: Path) -> str:
     """summary.md of the run in ``out`` from its files (info.json, steps.json, pytest/*.xml,
     bench/*/*.csv); also written there."""
@@ -759,6 +813,7 @@ def summarize(out: Path) -> str:
     other = relative_to_supcon(points)
     if other:
         lines += ["", "Time over SupCon's: " + "; ".join(other) + "."]
+    lines += tuned_lines(out)
     for u in dict.fromkeys((u["provider"], u.get("note") or "") for u in unavailable):
         lines += ["", f"Not run: {u[0]} ({u[1]})."]
     lines += ["", "## Steps", "", "| step | status | s | limit s | note |", "|---|---|---|---|---|"]
@@ -791,7 +846,8 @@ def print_plan(capability: tuple[int, int], out: Path, cores: int, tests: str) -
     print(f"probe   [{LIMITS['probe']:.0f} s] {shlex.join([py, '-c', '<probe>'])}")
     print(f"stage   copy python/flashcon, triton_kernels -> {SITE}")
     cost = cost_step(capability, out, py)
-    for s in plan_steps(capability, py, cores, tests) + ([cost] if cost else []):
+    steps = plan_steps(capability, py, cores, tests) + ([cost] if cost else [])
+    for s in steps + [tune_step(out, py)]:
         tag = " (background, during tests-triton)" if s.name in ("build", "cost-model") else ""
         print(f"{s.name:<7} [{s.limit_s:.0f} s]{tag} {_shell(s, s.cmd)}")
     for sweep in SWEEPS:

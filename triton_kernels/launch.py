@@ -43,6 +43,7 @@ from flashcon.registration import interpreting
 from . import fused as F
 from . import lse as K
 from . import sym as S
+from . import tuning
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -55,6 +56,8 @@ class TileConfig:
     block_do: int  # D chunk of the dq/dk outputs (backward only; 0 in the forward)
     num_warps: int
     num_stages: int
+    chunk: int = 0  # symmetric kernels: partner blocks per program at most (0: sym_chunk's)
+    maxnreg: bool = True  # the eager launches let ptxas use MAXNREG registers
 
 
 # (arch, kernel, input bits, D bucket) -> tiles. "narrow" is D ≤ 64, "wide" D > 64; the general
@@ -647,13 +650,16 @@ def _launch_sym(name: str, n: int, cfg: TileConfig, fl: dict, args: tuple) -> No
     if name == "_sym_bwd_kernel":
         tiles["BLOCK_DO"] = cfg.block_do
     extra = {}
-    if not interpreting() and not torch.compiler.is_compiling():
+    if cfg.maxnreg and not interpreting() and not torch.compiler.is_compiling():
         extra["maxnreg"] = MAXNREG
     kern = wrap_triton(getattr(S, name))
     # Program (I, c) pairs block I with blocks (I + t) mod NB, t in [c·chunk, (c+1)·chunk)
     # ∩ [0, NB // 2] (sym.py). The streamed backward computes the first tile of its run only
-    # (a loop around it spilled on sm_80): its chunk must be 1.
-    chunk = sym_chunk(nb) if name == "_sym_fwd_kernel" or fl["RESIDENT"] else 1
+    # (a loop around it spilled on sm_80): its chunk must be 1. A tuned chunk replaces
+    # sym_chunk's rule.
+    chunk = 1
+    if name == "_sym_fwd_kernel" or fl["RESIDENT"]:
+        chunk = cfg.chunk if cfg.chunk > 0 else sym_chunk(nb)
     kern[(nb, triton.cdiv(nb // 2 + 1, chunk))](
         *args, NB=nb, HALF=nb // 2, CHUNK=chunk, **fl, **tiles,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
@@ -679,14 +685,34 @@ def sym_tiles(
 
 
 def _sym_setup(kind, z, d, k1, multilabel, has_pw, mode, config) -> tuple[TileConfig, dict]:
-    """Tiles and compile-time flags of a symmetric launch (``config``: the streamed variant
-    with those tiles)."""
-    if config is None:
-        cfg, resident = sym_tiles(kind, arch_of(z.device), z.dtype, d, has_pw)
+    """Tiles and compile-time flags of a symmetric launch: ``config`` a ``TileConfig`` (the
+    streamed variant with those tiles) or a ``tuning.Choice``; ``None``: the tuned table's
+    choice for this launch where it has one (``tuning``), else the fixed table's."""
+    arch, prec = arch_of(z.device), dot_precision(z.dtype)
+    if config is None and not _one_tile_schedule():
+        key_flags = {
+            "MODE": mode, "HAS_K1": k1 > 0, "MULTILABEL": bool(multilabel) and not has_pw,
+            "HAS_PW": bool(has_pw), "DOT_PREC": prec,
+        }  # fmt: skip
+        choice = tuning.lookup(arch, kind, z.dtype, d, z.shape[0], key_flags)
+        if choice is not None and tuning.legal(choice, kind, z.dtype, d, has_pw):
+            config = choice
+    if isinstance(config, tuning.Choice):
+        if not tuning.legal(config, kind, z.dtype, d, has_pw):
+            raise ValueError(f"{config} cannot run {kind} for {z.dtype}, D = {d}")
+        c = config
+        width = c.block_d
+        if c.resident and d <= 64:
+            width = 64  # as sym_tiles narrows the resident block for D <= 64
+        do = width if (c.resident and c.block_do) else c.block_do
+        cfg = TileConfig(c.block, c.block, width, do, c.num_warps, c.num_stages, c.chunk, c.maxnreg)
+        resident = c.resident
+    elif config is None:
+        cfg, resident = sym_tiles(kind, arch, z.dtype, d, has_pw)
     else:
         cfg, resident = config, False
     fl = flags("sym", cfg, d, 0, k1, multilabel, has_pw)
-    fl.update(MODE=mode, DOT_PREC=dot_precision(z.dtype), RESIDENT=resident)
+    fl.update(MODE=mode, DOT_PREC=prec, RESIDENT=resident)
     return cfg, fl
 
 

@@ -184,6 +184,7 @@ def specs(archs, quick: bool) -> list[Spec]:
                                 continue
                             seen.add(key)
                             out.append(Spec(kernel, arch, dtype, prec, bucket, flt, cfg))
+        out += [sp for sp in _tuned_specs(arch, dtype) if sp not in out]
         for kernel, flag_sets in SMALL_KERNELS.items():
             if dtype != "fp32" and kernel not in TYPED_SMALL:
                 continue
@@ -191,6 +192,33 @@ def specs(archs, quick: bool) -> list[Spec]:
                 rows = launch._PREP_ROWS if kernel == "_prep_kernel" else launch._ROWS
                 cfg = (rows, 0, launch._COLS, 0, launch.SMALL_WARPS, launch.SMALL_STAGES)
                 out.append(Spec(kernel, arch, dtype, "-", "any", tuple(fl.items()), cfg))
+    return out
+
+
+def _tuned_specs(arch: int, dtype: str) -> list[Spec]:
+    """The specialisations of the tuned table's entries (``triton_kernels/tuning.py``) for
+    ``arch`` and ``dtype``: the launchers pick those too."""
+    from flashcon.triton_kernels import tuning
+
+    out = []
+    for base, by_n in tuning.load().items():
+        t_arch, kind, t_dtype, dbucket, flagstr = base.split("|")
+        if t_arch != f"sm{arch}" or t_dtype != dtype:
+            continue
+        flags = dict(kv.split("=") for kv in flagstr.split(","))
+        prec = flags.pop("DOT_PREC")
+        kernel = f"_{kind}_kernel"
+        for choice in by_n.values():
+            d = {"d64": 64, "d128": 128}.get(dbucket, 1 << 20)
+            fl = {"MODE": int(flags["MODE"])}
+            fl.update({k: flags[k] == "1" for k in ("HAS_K1", "MULTILABEL", "HAS_PW")})
+            width = 64 if choice.resident and d <= 64 else choice.block_d
+            do = width if choice.resident and choice.block_do else choice.block_do
+            cfg = (choice.block, choice.block, width, do, choice.num_warps, choice.num_stages)
+            chunks = _chunk_values(kernel, choice.resident, False)
+            for even, chunk in itertools.product((False, True), chunks):
+                flt = tuple({**fl, "EVEN_D": even, "RESIDENT": choice.resident}.items()) + chunk
+                out.append(Spec(kernel, arch, dtype, prec, f"tuned-{dbucket}", flt, cfg))
     return out
 
 
