@@ -26,6 +26,7 @@ from flashcon import (
     pml,
     queue,
     reference,
+    registration,
 )
 
 _HEADER = re.compile(r"^( *)(Args|Common arguments):$")
@@ -90,7 +91,7 @@ def _targets() -> list[tuple[str, str | None, Callable]]:
         (f"flashcon.functional.{n}", getattr(functional, n).__doc__, getattr(functional, n))
         for n in functional.__all__
     ]
-    for module in (engine, distributed, info):
+    for module in (engine, registration, distributed, info):
         out += [(name, fn.__doc__, fn) for name, fn in _public_functions(module)]
     for cls in _classes():
         qual = f"{cls.__module__}.{cls.__name__}"
