@@ -194,7 +194,7 @@ FLASHCON_HD T sp_pair_grad(T s, T mm, T g_sp, T eta, T scale) {
 // serves row i and row j; the weights multiply it instead of entering the exponent, scaled by
 // the largest one (chat = c/c_max <= 1), so every term is <= 1 and the sums cannot overflow.
 // TCL's k1 terms use f_ij = e^{-s_ij - R²} (R² = max‖z‖²) the same way. The caller checks that
-// the smallest possible product stays a normal number (see csrc/cpu/engine_cpu.cpp).
+// the smallest possible product stays a normal number (see csrc/cpu/symmetric.cpp).
 //
 // chat_ij: c_ij / c_max (0 on the own column and on pairs with no term).
 template <typename T>
