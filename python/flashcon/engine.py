@@ -107,6 +107,8 @@ class Engine:
     sym_lse: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None
     sym_sp: Callable[..., tuple[Tensor, Tensor]] | None = None
     fused: Callable[..., tuple[Tensor, ...]] | None = None
+    # The symmetric ops combine tile pairs with atomic adds (not bitwise reproducible).
+    sym_atomic: bool = False
 
 
 _SYMMETRIC = os.environ.get("FLASHCON_SYMMETRIC", "1") != "0"
@@ -398,7 +400,82 @@ def get_engine(backend: str) -> Engine:
         sym_lse=sym[0] if sym else None,
         sym_sp=sym[2] if sym else None,
         fused=_FUSED_OPS.get(key),
+        sym_atomic=key == "triton",
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """How one loss call runs, decided once by :func:`route`.
+
+    ``engine`` is None for ``'reference'`` (the dense oracle computes the loss); ``symmetric``:
+    'all'-mode streams (the anchors are the columns) take the engine's symmetric ops;
+    ``fused``: the whole loss is the engine's fused op."""
+
+    backend: str
+    engine: Engine | None
+    symmetric: bool
+    fused: bool
+
+    def lse(
+        self, q, k, qlab, klab, self_offset: int, scale: float, weights, multilabel=False,
+        pos_weight=None,
+    ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        """The contract's ``lse_fwd`` with ``weights`` = (w_pos, w_neg, k1): the symmetric op
+        where this call is 'all' mode (the same tensors as anchors and columns)."""
+        eng = _streaming(self)
+        if self.symmetric and q is k and qlab is klab and self_offset == 0:
+            return eng.sym_lse(
+                q.contiguous(), qlab.contiguous(), scale, *weights, multilabel, pos_weight
+            )
+        return eng.lse(
+            q.contiguous(), k.contiguous(), qlab.contiguous(), klab.contiguous(), self_offset,
+            scale, *weights, multilabel, pos_weight,
+        )  # fmt: skip
+
+    def sp(self, q, k, qlab, klab, eta, self_offset: int, scale: float, multilabel=False):
+        """The contract's ``sp_fwd`` (SINCERE's second pass), symmetric where it applies."""
+        eng = _streaming(self)
+        if self.symmetric and q is k and qlab is klab and self_offset == 0:
+            return eng.sym_sp(q.contiguous(), qlab.contiguous(), eta, scale, multilabel, None)
+        return eng.sp(
+            q.contiguous(), k.contiguous(), qlab, klab, eta, self_offset, scale, multilabel, None
+        )
+
+
+def _streaming(r: Route) -> Engine:
+    if r.engine is None:
+        raise ValueError(f"backend {r.backend!r} has no streaming engine")
+    return r.engine
+
+
+def route(
+    backend: str, device: torch.device, *, all_mode: bool = True, extras: bool = False,
+    fusable: bool = False,
+) -> Route:  # fmt: skip
+    """The one decision of which kernels compute a loss call.
+
+    Reads the backend choice (:func:`resolve_backend`), the symmetric switch
+    (:func:`set_symmetric`), ``torch.use_deterministic_algorithms`` (atomic symmetric ops
+    step aside for the deterministic general kernels) and whether the loss may run as the
+    engine's fused op: ``fusable`` (the loss has a fused form), 'all' mode (``all_mode``),
+    and no mask, queue or gathering (``extras``).
+
+    Args:
+        backend: one of :data:`BACKENDS`.
+        device: the device of the loss's tensors.
+        all_mode: every embedding is an anchor against all the others (SupCon's 'all').
+        extras: the call has a mask, a queue or distributed gathering.
+        fusable: the loss has a whole-loss fused form (SupCon L_out, NT-Xent, SINCERE, TCL).
+    """
+    concrete = resolve_backend(backend, device)
+    if concrete == "reference":
+        return Route(concrete, None, False, False)
+    eng = get_engine(concrete)
+    deterministic = eng.sym_atomic and torch.are_deterministic_algorithms_enabled()
+    symmetric = eng.sym_lse is not None and symmetric_enabled() and not deterministic
+    fused = fusable and symmetric and eng.fused is not None and all_mode and not extras
+    return Route(concrete, eng, symmetric, fused)
 
 
 _OPS["torch"] = _TORCH_OPS

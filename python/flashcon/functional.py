@@ -12,7 +12,6 @@ autograd composes them with the engine ops.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable
 from typing import TypeVar
@@ -21,11 +20,24 @@ import torch
 from torch import Tensor
 
 from . import _validate as V
-from . import distributed as D
 from . import reference as R
-from .engine import Engine, get_engine, resolve_backend, symmetric_enabled
+from .combine import (
+    NegativesOnly,
+    acc_dtype,
+    anchors,
+    check_streaming,
+    contrast,
+    finite_or_zero,
+    fused_loss,
+    keep,
+    nan_if_nonfinite,
+    out_rows,
+    reduce_rows,
+    sample_ids,
+    stream,
+)
+from .engine import route
 from .queue import MemoryQueue
-from .specs import LOSS_SPECS
 
 __all__ = [
     "supcon_loss",
@@ -42,242 +54,20 @@ _F = TypeVar("_F", bound=Callable[..., Tensor])
 
 
 def _no_autocast(fn: _F) -> _F:
-    """Wrap a public loss.
-
-    - Autocast is turned off inside: statistics stay fp32 (fp64 for fp64 input) and the
-      closed-form matmuls are not downcast; the loss comes back in fp32 and gradients in the
-      input dtype.
-    - NaN or ±Inf anywhere in the floating inputs gives a NaN loss (never a finite number,
-      whichever terms the non-finite entries happen to reach), without a host sync.
-    """
+    """Wrap a public loss: autocast is turned off inside, so statistics stay fp32 (fp64 for
+    fp64 input) and the closed-form matmuls are not downcast; the loss comes back in fp32 and
+    gradients in the input dtype. (Each loss gives NaN for non-finite input itself:
+    :func:`flashcon.combine.nan_if_nonfinite`, or the fused kernels.)"""
 
     @functools.wraps(fn)
     def wrapper(features, *args, **kwargs):
         dev = features.device.type if isinstance(features, Tensor) else "cpu"
         if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
             with torch.autocast(dev, enabled=False):
-                out = fn(features, *args, **kwargs)
-        else:
-            out = fn(features, *args, **kwargs)
-        if isinstance(out, _Fused):
-            return out.value  # its kernels give NaN for non-finite features themselves
-        finite = None
-        for x in (features, *args, *kwargs.values()):
-            if isinstance(x, Tensor) and x.is_floating_point():
-                ok = torch.isfinite(x).all()
-                finite = ok if finite is None else finite & ok
-        if finite is not None:
-            out = torch.where(finite, out, torch.full_like(out, float("nan")))
-        return out
+                return fn(features, *args, **kwargs)
+        return fn(features, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
-
-
-class _Fused:
-    """A loss computed whole by the backend's fused op (``Engine.fused``): its only floating
-    input is the features, and the op itself returns NaN when any of them is non-finite, so
-    the wrapper adds no check (each check is device work of its own: ~5 launches)."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: Tensor) -> None:
-        self.value = value
-
-
-def _fusable(eng: Engine, *, mode: str, queue, gather: bool) -> bool:
-    """Whether this call takes ``eng.fused``: 'all' mode on the symmetric path (which the
-    fused op is), without a queue or gathering, and not under deterministic algorithms (its
-    kernels add with atomics; the general kernels are the deterministic path)."""
-    return (
-        eng.fused is not None
-        and mode == "all"
-        and queue is None
-        and not gather
-        and symmetric_enabled()
-        and not torch.are_deterministic_algorithms_enabled()
-    )
-
-
-def _fused(
-    eng: Engine,
-    spec: str,
-    loss: str,
-    z: Tensor,
-    labels: Tensor | None,
-    views: int,
-    t: float,
-    ml: bool,
-    weight: float,
-    options=None,
-) -> _Fused:
-    """The loss is ``weight`` times the mean of the rows' terms (τ/τ_b for SupCon, else 1).
-
-    ``labels``: the per-sample labels as validated (int64 [B], multi-hot bool [B, L], or None
-    for sample ids): the op expands them over the views itself. The op divides by N on the
-    device: a float argument that depended on N would make torch.compile recompile for every
-    batch size."""
-    w_pos, w_neg, k1 = LOSS_SPECS[spec].streams[0].weights(options or {})
-    value = eng.fused(z.contiguous(), labels, views, loss, 1.0 / t, w_pos, w_neg, k1, ml, weight)
-    return _Fused(value[0])
-
-
-def _acc(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _engine_for(backend: str, z: Tensor) -> Engine | None:
-    concrete = resolve_backend(backend, z.device)
-    if concrete == "reference":
-        return None
-    return get_engine(concrete)
-
-
-def _lse(
-    eng: Engine,
-    spec: str,
-    idx: int,
-    q,
-    k,
-    qlab,
-    klab,
-    self_offset,
-    t,
-    options=None,
-    multilabel: bool = False,
-    pos_weight: Tensor | None = None,
-):
-    """One streamed log-sum-exp of the spec table; 'all' mode (the anchors are the columns)
-    takes the backend's symmetric path when it has one."""
-    w_pos, w_neg, k1 = LOSS_SPECS[spec].streams[idx].weights(options or {})
-    if _is_square(eng.sym_lse, q, k, qlab, klab, self_offset):
-        return eng.sym_lse(
-            q.contiguous(), qlab.contiguous(), 1.0 / t, w_pos, w_neg, k1, multilabel, pos_weight
-        )
-    return eng.lse(
-        q.contiguous(),
-        k.contiguous(),
-        qlab.contiguous(),
-        klab.contiguous(),
-        self_offset,
-        1.0 / t,
-        w_pos,
-        w_neg,
-        k1,
-        multilabel,
-        pos_weight,
-    )
-
-
-def _sp(eng: Engine, q, k, qlab, klab, eta, self_offset, t, multilabel: bool = False):
-    """SINCERE's second pass (symmetric path in 'all' mode when the backend has one)."""
-    if _is_square(eng.sym_sp, q, k, qlab, klab, self_offset):
-        return eng.sym_sp(q.contiguous(), qlab.contiguous(), eta, 1.0 / t, multilabel, None)
-    return eng.sp(
-        q.contiguous(), k.contiguous(), qlab, klab, eta, self_offset, 1.0 / t, multilabel, None
-    )
-
-
-def _is_square(sym_op, q, k, qlab, klab, self_offset) -> bool:
-    return (
-        sym_op is not None and symmetric_enabled() and q is k and qlab is klab and self_offset == 0
-    )
-
-
-def _anchors(z: Tensor, y: Tensor, na: int) -> tuple[Tensor, Tensor]:
-    """The first ``na`` rows as anchors; the very same tensors when they are all the rows."""
-    if na == z.shape[0]:
-        return z, y
-    return z[:na], y[:na]
-
-
-@dataclasses.dataclass
-class _Contrast:
-    """The contrast columns of this call: the (global) batch rows, then the queue rows."""
-
-    cols: Tensor
-    labels: Tensor
-    offset: int  # this rank's first row among the columns: its anchors' self offset
-    world: int  # W (1 without gather_distributed)
-    n_batch: int  # rows of the (global) batch, queue excluded
-    soft: Tensor | None = None  # normalised soft labels of the columns (GenSCL)
-
-
-def _contrast(
-    z: Tensor,
-    y: Tensor,
-    *,
-    gather: bool,
-    group,
-    queue: MemoryQueue | None,
-    soft: Tensor | None = None,
-    multilabel: bool = False,
-) -> _Contrast:
-    cols, labels, offset, world = z, y, 0, 1
-    if gather:
-        world, _ = D.world_and_rank(group)
-        cols, offset = D.gather_rows(z, group)
-        labels, _ = D.gather_rows(y, group)
-        if soft is not None:
-            soft, _ = D.gather_rows(soft, group)
-    n_batch = cols.shape[0]
-    if queue is not None:
-        qz, qy = queue.check_for(z, soft=soft is not None, multilabel=multilabel)
-        cols = torch.cat([cols, qz])
-        if soft is not None:
-            qy = qy.to(soft.dtype)
-            soft = torch.cat([soft, qy / qy.norm(dim=1, keepdim=True)])
-        else:
-            labels = torch.cat([labels, qy.to(labels.dtype)])
-    return _Contrast(cols, labels, offset, world, n_batch, soft)
-
-
-def _sample_ids(b: int, device, gather: bool, group) -> Tensor:
-    """SimCLR labels: a sample id unique across ranks (the queue's rows carry −1)."""
-    ids = torch.arange(b, device=device)
-    if gather:
-        _, rank = D.world_and_rank(group)
-        ids = ids + rank * (1 << 40)
-    return ids
-
-
-def _reduce(rows_sum: Tensor, n_anchors_global, world: int) -> Tensor:
-    """W·(1/N_global)·Σ_{local anchors} ℓ_i; the plain mean on one process."""
-    return rows_sum * (world / n_anchors_global)
-
-
-def _check_streaming(eng: Engine | None, gather: bool, what: str) -> None:
-    if eng is None and gather:
-        raise ValueError(
-            f"{what}: gather_distributed=True needs a streaming backend "
-            "('auto', 'triton', 'cuda', 'cpu' or 'torch'), not 'reference'"
-        )
-
-
-def _finite_or_zero(x: Tensor) -> Tensor:
-    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
-
-
-def _out_rows(
-    lse: Tensor, psum: Tensor, pcnt: Tensor, t: float, one_term: Tensor | bool = False
-) -> Tensor:
-    """SupCon L_out per row: LSE_i − Q_i/C_i with Q_i = psum_i/τ; 0 without positives.
-
-    ``one_term``: the rows (a bool tensor, or True for every row) whose log-sum-exp has a
-    single term, their one positive: there LSE_i = ℓ_ip = Q_i/C_i, so the row is exactly 0
-    (and so is its gradient), but the two sides come from different roundings (the engine's
-    shifted sum, the closed form) and would leave ~1e-6 in fp32.
-    """
-    has = pcnt > 0
-    # pcnt is a count for labels but a sum of weights (possibly < 1) for a mask.
-    row = _finite_or_zero(lse) - psum / (t * torch.where(has, pcnt, torch.ones_like(pcnt)))
-    return torch.where(_keep(has, one_term), row, torch.zeros_like(row))
-
-
-def _keep(has: Tensor, one_term: Tensor | bool) -> Tensor:
-    """The rows whose computed loss is kept: those with a positive, less the one-term rows."""
-    if isinstance(one_term, Tensor):
-        return has & ~one_term
-    return torch.zeros_like(has) if one_term else has
 
 
 _DIST_DOC = """
@@ -361,14 +151,14 @@ def supcon_loss(
     V.check_choice(variant, "variant", ("out", "in"))
     if labels is not None and mask is not None:
         raise ValueError("supcon_loss: pass either labels or mask, not both")
-    eng = _engine_for(backend, z)
-    _check_streaming(eng, gather_distributed, "supcon_loss")
-    if mask is not None and eng is not None:
-        return _supcon_masked(
-            eng, z, b, mask, t, tb, contrast_mode, variant, gather_distributed, queue
-        )
-    if eng is None:
-        return R.supcon_loss(
+    extras = mask is not None or queue is not None or gather_distributed
+    r = route(
+        backend, z.device, all_mode=contrast_mode == "all", extras=extras,
+        fusable=variant == "out",
+    )  # fmt: skip
+    check_streaming(r, gather_distributed, "supcon_loss")
+    if r.engine is None:
+        value = R.supcon_loss(
             features,
             labels,
             mask,
@@ -378,36 +168,39 @@ def supcon_loss(
             variant=variant,
             queue=queue,
         )
+        return nan_if_nonfinite(value, features, mask)
+    if mask is not None:
+        gather = gather_distributed
+        value = _supcon_masked(r, z, b, mask, t, tb, contrast_mode, variant, gather, queue)
+        return nan_if_nonfinite(value, features, mask)
     y, ml = V.check_label_input(labels, b, z, pack=False)
-    if variant == "out" and _fusable(
-        eng, mode=contrast_mode, queue=queue, gather=gather_distributed
-    ):
-        return _fused(eng, "supcon_out", "out", z, y, v, t, ml, t / tb)  # type: ignore[return-value]
+    if r.fused:
+        return fused_loss(r, "supcon_out", "out", z, y, v, t, ml, t / tb)
     if ml:
         y = V.pack_multihot(y)
     if y is None:
-        y = _sample_ids(b, z.device, gather_distributed, group)
+        y = sample_ids(b, z.device, gather_distributed, group)
     y = y.repeat(v)
-    if queue is not None and labels is None:
-        queue = _NegativesOnly(queue)  # type: ignore[assignment]
-    c = _contrast(z, y, gather=gather_distributed, group=group, queue=queue, multilabel=ml)
+    columns = NegativesOnly(queue) if queue is not None and labels is None else queue
+    c = contrast(z, y, gather=gather_distributed, group=group, queue=columns, multilabel=ml)
     na = b if contrast_mode == "one" else z.shape[0]
-    q, qlab = _anchors(z, y, na)
+    q, qlab = anchors(z, y, na)
     spec = f"supcon_{variant}"
-    lse, psum, pcnt = _lse(eng, spec, 0, q, c.cols, qlab, c.labels, c.offset, t, multilabel=ml)
+    lse, psum, pcnt = stream(r, spec, "lse", q, c.cols, qlab, c.labels, c.offset, t, multilabel=ml)
     one_term = c.cols.shape[0] == 2  # every anchor has one column (besides itself)
     if variant == "out":
-        rows = _out_rows(lse, psum, pcnt, t, one_term)
+        rows = out_rows(lse, psum, pcnt, t, one_term)
     else:
-        lse_p, _, _ = _lse(eng, spec, 1, q, c.cols, qlab, c.labels, c.offset, t, multilabel=ml)
+        lse_p = stream(r, spec, "lse_pos", q, c.cols, qlab, c.labels, c.offset, t, multilabel=ml)[0]
         has = pcnt > 0
-        rows = _finite_or_zero(lse) - _finite_or_zero(lse_p) + torch.log(pcnt.clamp_min(1))
-        rows = torch.where(_keep(has, one_term), rows, torch.zeros_like(rows))
+        rows = finite_or_zero(lse) - finite_or_zero(lse_p) + torch.log(pcnt.clamp_min(1))
+        rows = torch.where(keep(has, one_term), rows, torch.zeros_like(rows))
     n_global = c.n_batch // v if contrast_mode == "one" else c.n_batch
-    return ((t / tb) * _reduce(rows.sum(), n_global, c.world)).to(_acc(z))
+    value = (t / tb) * reduce_rows(rows.sum(), n_global, c.world)
+    return nan_if_nonfinite(value.to(acc_dtype(z)), features)
 
 
-def _supcon_masked(eng, z, b, mask, t, tb, contrast_mode, variant, gather, queue) -> Tensor:
+def _supcon_masked(r, z, b, mask, t, tb, contrast_mode, variant, gather, queue) -> Tensor:
     """SupCon with SupContrast's [B, B] positive weights, streamed: the engine reads the weights
     per tile (``pos_weight``), nothing N×N is built. Two passes: the LSE over A(i) does not
     depend on the mask; the weighted pass gives Σ_j w_ij ℓ_ij, Σ_j w_ij and L_in's
@@ -417,33 +210,21 @@ def _supcon_masked(eng, z, b, mask, t, tb, contrast_mode, variant, gather, queue
             "supcon_loss(mask=...) covers this rank's batch only: it cannot be combined with "
             "gather_distributed or a queue; pass labels instead"
         )
-    w = V.check_mask(mask, b, z).to(_acc(z)).contiguous()
+    w = V.check_mask(mask, b, z).to(acc_dtype(z)).contiguous()
     na = b if contrast_mode == "one" else z.shape[0]
     zeros = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
-    q, qlab = _anchors(z, zeros, na)
-    lse, _, _ = _lse(eng, "supcon_mask", 0, q, z, qlab, zeros, 0, t)
-    lse_p, psum, pcnt = _lse(eng, "supcon_mask", 1, q, z, qlab, zeros, 0, t, pos_weight=w)
+    q, qlab = anchors(z, zeros, na)
+    lse, _, _ = stream(r, "supcon_mask", "lse", q, z, qlab, zeros, 0, t)
+    lse_p, psum, pcnt = stream(r, "supcon_mask", "lse_pos", q, z, qlab, zeros, 0, t, pos_weight=w)
     one_term = z.shape[0] == 2
     if variant == "out":
-        rows = _out_rows(lse, psum, pcnt, t, one_term)
+        rows = out_rows(lse, psum, pcnt, t, one_term)
     else:
         has = pcnt > 0
         log_c = torch.log(torch.where(has, pcnt, torch.ones_like(pcnt)))
-        rows = _finite_or_zero(lse) - _finite_or_zero(lse_p) + log_c
-        rows = torch.where(_keep(has, one_term), rows, torch.zeros_like(rows))
-    return ((t / tb) * rows.mean()).to(_acc(z))
-
-
-class _NegativesOnly:
-    """A queue view whose rows are negatives of everything (SimCLR: other samples)."""
-
-    def __init__(self, queue: MemoryQueue) -> None:
-        self.queue = queue
-
-    def check_for(self, z: Tensor, soft: bool, multilabel: bool = False) -> tuple[Tensor, Tensor]:
-        qz, qy = self.queue.check_for(z, soft=False, multilabel=self.queue.multilabel)
-        # Distinct negative ids never equal a (non-negative) sample id, nor each other.
-        return qz, -1 - torch.arange(qz.shape[0], device=qz.device)
+        rows = finite_or_zero(lse) - finite_or_zero(lse_p) + log_c
+        rows = torch.where(keep(has, one_term), rows, torch.zeros_like(rows))
+    return ((t / tb) * rows.mean()).to(acc_dtype(z))
 
 
 @_no_autocast
@@ -466,8 +247,7 @@ def ntxent_loss(
         temperature: τ (default 0.5, SupContrast's SimCLR setting).
     """
     V.check_multiview(features, "features")
-    # The unwrapped function: this function's own wrapper does the autocast/NaN handling once.
-    return supcon_loss.__wrapped__(  # type: ignore[attr-defined]
+    return supcon_loss(
         features,
         None,
         None,
@@ -504,19 +284,22 @@ def sincere_loss(
     """
     z, b, v = V.flatten_features(features, "features")
     t = V.check_temperature(temperature, "temperature")
-    eng = _engine_for(backend, z)
-    _check_streaming(eng, gather_distributed, "sincere_loss")
-    if eng is None:
-        return R.sincere_loss(features, labels, temperature=t, queue=queue)
+    extras = queue is not None or gather_distributed
+    r = route(backend, z.device, extras=extras, fusable=True)
+    check_streaming(r, gather_distributed, "sincere_loss")
+    if r.engine is None:
+        value = R.sincere_loss(features, labels, temperature=t, queue=queue)
+        return nan_if_nonfinite(value, features)
     y, ml = V.check_label_input(labels, b, z, required=True, pack=False)
-    if _fusable(eng, mode="all", queue=queue, gather=gather_distributed):
-        return _fused(eng, "sincere", "sincere", z, y, v, t, ml, 1.0)  # type: ignore[return-value]
+    if r.fused:
+        return fused_loss(r, "sincere", "sincere", z, y, v, t, ml, 1.0)
     y = (V.pack_multihot(y) if ml else y).repeat(v)
-    c = _contrast(z, y, gather=gather_distributed, group=group, queue=queue, multilabel=ml)
-    eta, _, pcnt = _lse(eng, "sincere", 0, z, c.cols, y, c.labels, c.offset, t, multilabel=ml)
-    sp, _ = _sp(eng, z, c.cols, y, c.labels, eta, c.offset, t, ml)
+    c = contrast(z, y, gather=gather_distributed, group=group, queue=queue, multilabel=ml)
+    eta, _, pcnt = stream(r, "sincere", "eta", z, c.cols, y, c.labels, c.offset, t, multilabel=ml)
+    sp, _ = r.sp(z, c.cols, y, c.labels, eta, c.offset, 1.0 / t, ml)
     rows = sp / pcnt.clamp_min(1)
-    return _reduce(rows.sum(), c.n_batch, c.world).to(_acc(z))
+    value = reduce_rows(rows.sum(), c.n_batch, c.world).to(acc_dtype(z))
+    return nan_if_nonfinite(value, features)
 
 
 @_no_autocast
@@ -551,16 +334,19 @@ def genscl_loss(
     z, b, v = V.flatten_features(features, "features")
     t = V.check_temperature(temperature, "temperature")
     tb = V.check_temperature(base_temperature, "base_temperature")
-    eng = _engine_for(backend, z)
-    _check_streaming(eng, gather_distributed, "genscl_loss")
-    if eng is None:
-        return R.genscl_loss(features, soft_labels, temperature=t, base_temperature=tb, queue=queue)
-    acc = _acc(z)
+    r = route(backend, z.device)
+    check_streaming(r, gather_distributed, "genscl_loss")
+    if r.engine is None:
+        value = R.genscl_loss(
+            features, soft_labels, temperature=t, base_temperature=tb, queue=queue
+        )
+        return nan_if_nonfinite(value, features, soft_labels)
+    acc = acc_dtype(z)
     y = V.check_soft_labels(soft_labels, b, v, z).detach().to(acc)
     y_hat = y / y.norm(dim=1, keepdim=True)
     # Every other column is in the softmax: one label for all, positives weighted like negatives.
     dummy = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
-    c = _contrast(z, dummy, gather=gather_distributed, group=group, queue=queue, soft=y_hat)
+    c = contrast(z, dummy, gather=gather_distributed, group=group, queue=queue, soft=y_hat)
     # The engine and the closed forms read one cast of the features: the two parts' gradients
     # nearly cancel (exactly, for one column), so they must be summed before the one rounding
     # to the features' dtype. With a cast each they were rounded apart: 16-bit gradients 2-3x
@@ -570,8 +356,8 @@ def genscl_loss(
     col_dummy = dummy
     if cf is not zf:
         col_dummy = torch.zeros(cf.shape[0], dtype=torch.long, device=z.device)
-    lse, _, _ = _lse(eng, "genscl", 0, zf, cf, dummy, col_dummy, c.offset, t)
-    # Closed forms (LOSSES.md §3.2) over the columns C (self included, then subtracted):
+    lse, _, _ = stream(r, "genscl", "lse", zf, cf, dummy, col_dummy, c.offset, t)
+    # Closed forms (docs/losses.md §3.2) over the columns C (self included, then subtracted):
     # M_i = ŷ_i·Σ_{j∈C} ŷ_j − ŷ_i·ŷ_i,  A_i = ((ŷ_i Ŷ_Cᵀ Z_C)·z_i − (ŷ_i·ŷ_i)‖z_i‖²)/τ.
     self_m = (y_hat * y_hat).sum(dim=1)
     big_m = y_hat @ c.soft.sum(dim=0) - self_m
@@ -590,10 +376,11 @@ def genscl_loss(
     bound = big_m * sq.sqrt() * (cf * cf).sum(dim=1).max().sqrt() / t
     a = a + (torch.minimum(torch.maximum(a, -bound), bound) - a).detach()
     a = torch.where(live, a, torch.zeros_like(a))
-    rows = (big_m * _finite_or_zero(lse) - a) / (big_m + 1e-8)
+    rows = (big_m * finite_or_zero(lse) - a) / (big_m + 1e-8)
     # One column per anchor: M_i·(LSE_i − ℓ_ij)/(M_i + ε) = 0 exactly, as for SupCon.
-    rows = torch.where(_keep(live, cf.shape[0] == 2), rows, torch.zeros_like(rows))
-    return ((t / tb) * _reduce(rows.sum(), c.n_batch, c.world)).to(acc)
+    rows = torch.where(keep(live, cf.shape[0] == 2), rows, torch.zeros_like(rows))
+    value = ((t / tb) * reduce_rows(rows.sum(), c.n_batch, c.world)).to(acc)
+    return nan_if_nonfinite(value, features, soft_labels)
 
 
 @_no_autocast
@@ -627,23 +414,25 @@ def tcl_loss(
     t = V.check_temperature(temperature, "temperature")
     k1 = V.check_nonneg(k1, "k1")
     k2 = V.check_nonneg(k2, "k2")
-    eng = _engine_for(backend, z)
-    _check_streaming(eng, gather_distributed, "tcl_loss")
-    if eng is None:
-        return R.tcl_loss(features, labels, temperature=t, k1=k1, k2=k2, queue=queue)
+    r = route(backend, z.device, extras=queue is not None or gather_distributed, fusable=True)
+    check_streaming(r, gather_distributed, "tcl_loss")
+    if r.engine is None:
+        value = R.tcl_loss(features, labels, temperature=t, k1=k1, k2=k2, queue=queue)
+        return nan_if_nonfinite(value, features)
     y, ml = V.check_label_input(labels, b, z, required=True, pack=False)
     opts = {"k1": k1, "k2": k2}
-    if _fusable(eng, mode="all", queue=queue, gather=gather_distributed):
-        return _fused(eng, "tcl", "out", z, y, v, t, ml, 1.0, opts)  # type: ignore[return-value]
+    if r.fused:
+        return fused_loss(r, "tcl", "out", z, y, v, t, ml, 1.0, opts)
     y = (V.pack_multihot(y) if ml else y).repeat(v)
-    c = _contrast(z, y, gather=gather_distributed, group=group, queue=queue, multilabel=ml)
-    log_d, psum, pcnt = _lse(
-        eng, "tcl", 0, z, c.cols, y, c.labels, c.offset, t, opts, multilabel=ml
+    c = contrast(z, y, gather=gather_distributed, group=group, queue=queue, multilabel=ml)
+    log_d, psum, pcnt = stream(
+        r, "tcl", "log_d", z, c.cols, y, c.labels, c.offset, t, opts, multilabel=ml
     )
     # D_i has one term where the row's only positive is its only weighted column.
     one_term = (pcnt == 1) & (k1 == 0 and (k2 == 0 or c.cols.shape[0] == 2))
-    rows = _out_rows(log_d, psum, pcnt, t, one_term)
-    return _reduce(rows.sum(), c.n_batch, c.world).to(_acc(z))
+    rows = out_rows(log_d, psum, pcnt, t, one_term)
+    value = reduce_rows(rows.sum(), c.n_batch, c.world).to(acc_dtype(z))
+    return nan_if_nonfinite(value, features)
 
 
 def esupcon_logits(features: Tensor, prototypes: Tensor, temperature: float = 0.1) -> Tensor:
@@ -676,7 +465,7 @@ def esupcon_loss(
     group=None,
     queue: MemoryQueue | None = None,
 ) -> Tensor:
-    """ESupCon: SupCon over samples and learnable class prototypes (LOSSES.md §5).
+    """ESupCon: SupCon over samples and learnable class prototypes (docs/losses.md §5).
 
     This is flashcon's definition following Aljundi et al. (AAAI 2023), whose code is not
     public: prototypes u_k = w_k/‖w_k‖ are extra columns (positive for their class) of every
@@ -702,10 +491,10 @@ def esupcon_loss(
     if base_temperature is not None:
         tb = V.check_temperature(base_temperature, "base_temperature")
     k_cls = V.check_prototypes(prototypes, z)
-    eng = _engine_for(backend, z)
-    _check_streaming(eng, gather_distributed, "esupcon_loss")
-    if eng is None:
-        return R.esupcon_loss(
+    r = route(backend, z.device)
+    check_streaming(r, gather_distributed, "esupcon_loss")
+    if r.engine is None:
+        value = R.esupcon_loss(
             features,
             labels,
             prototypes,
@@ -714,27 +503,29 @@ def esupcon_loss(
             prototype_anchors=prototype_anchors,
             queue=queue,
         )
+        return nan_if_nonfinite(value, features, prototypes)
     y, ml = V.check_label_input(labels, b, z, required=True, num_classes=k_cls)
     y = y.repeat(v)
     u = (prototypes / prototypes.norm(dim=1, keepdim=True)).to(z.dtype)
-    cls = R._class_labels(k_cls, ml, z.device)
-    c = _contrast(z, y, gather=gather_distributed, group=group, queue=queue, multilabel=ml)
+    cls = R.prototype_labels(k_cls, ml, z.device)
+    c = contrast(z, y, gather=gather_distributed, group=group, queue=queue, multilabel=ml)
     cols = torch.cat([c.cols, u], dim=0)
     col_lab = torch.cat([c.labels, cls])
-    lse, psum, pcnt = _lse(eng, "esupcon", 0, z, cols, y, col_lab, c.offset, t, multilabel=ml)
-    total = _out_rows(lse, psum, pcnt, t, cols.shape[0] == 2).sum()
+    lse, psum, pcnt = stream(r, "esupcon", "lse", z, cols, y, col_lab, c.offset, t, multilabel=ml)
+    total = out_rows(lse, psum, pcnt, t, cols.shape[0] == 2).sum()
     count = torch.full((), c.n_batch, dtype=lse.dtype, device=z.device)
     if prototype_anchors:
         # Every prototype is a row; those of classes with no sample among the columns have no
         # positive, give 0 and are not counted (a static shape, so this stays compile-friendly).
-        lse_p, psum_p, pcnt_p = _lse(
-            eng, "esupcon", 0, u, c.cols, cls, c.labels, -1, t, multilabel=ml
+        lse_p, psum_p, pcnt_p = stream(
+            r, "esupcon", "lse", u, c.cols, cls, c.labels, -1, t, multilabel=ml
         )
         # Each rank computes every prototype anchor: weigh them 1/W so they count once.
         one_col = c.cols.shape[0] == 1
-        total = total + _out_rows(lse_p, psum_p, pcnt_p, t, one_col).sum() / c.world
+        total = total + out_rows(lse_p, psum_p, pcnt_p, t, one_col).sum() / c.world
         count = count + (pcnt_p > 0).sum().to(count.dtype)
-    return ((t / tb) * _reduce(total, count, c.world)).to(_acc(z))
+    value = ((t / tb) * reduce_rows(total, count, c.world)).to(acc_dtype(z))
+    return nan_if_nonfinite(value, features, prototypes)
 
 
 # Every loss takes the same distribution / queue / backend arguments; document them once.

@@ -40,8 +40,8 @@ import torch
 from torch import Tensor, nn
 
 from . import _validate as V
-from .engine import get_engine, resolve_backend
-from .functional import _lse, _out_rows
+from .combine import nan_if_nonfinite, out_rows, stream
+from .engine import route
 
 try:  # pytorch-metric-learning is optional: its wrappers need its base class.
     from pytorch_metric_learning.distances import CosineSimilarity
@@ -171,7 +171,9 @@ class SupConLoss(_Base):
                     f"{k.shape[0]} rows"
                 )
             ky = y if same else _labels(ref_labels, z, k.shape[0], "ref_labels")
-        eng = get_engine(resolve_backend(self.backend, z.device))  # 'reference' is refused
+        r = route(self.backend, z.device)
+        if r.engine is None:
+            raise ValueError("flashcon.pml.SupConLoss streams: backend='reference' is refused")
         t = self.temperature
         q = nn.functional.normalize(z, p=self._p, dim=1)
         kn = q if k is z else nn.functional.normalize(k, p=self._p, dim=1)
@@ -182,14 +184,14 @@ class SupConLoss(_Base):
             n_pos, n_neg = len(pairs[0]), len(pairs[2])
             # The library returns 0 for these before it looks at the pairs.
             if n_pos == 0 or n_neg == 0 or (n_pos <= 1 and n_neg <= 1):
-                return _finite_or_nan((q.sum() + kn.sum()) * 0, z, k).to(z.dtype)
+                return nan_if_nonfinite((q.sum() + kn.sum()) * 0, z, k).to(z.dtype)
             groups = _pair_groups(pairs, y, ky, kn)
         total = count = pos = neg = 0
         for rows, cols, col_lab, self_offset in groups:
             qg, yg = (q, y) if rows is None else (q[rows], y[rows])
-            lse, psum, pcnt = _lse(eng, "supcon_out", 0, qg, cols, yg, col_lab, self_offset, t)
+            lse, psum, pcnt = stream(r, "supcon_out", "lse", qg, cols, yg, col_lab, self_offset, t)
             n_cols = cols.shape[0] - (1 if self_offset == 0 else 0)
-            total = total + _out_rows(lse, psum, pcnt, t, n_cols == 1).sum()
+            total = total + out_rows(lse, psum, pcnt, t, n_cols == 1).sum()
             # AvgNonZeroReducer: the anchors whose exact loss is > 0 (a positive among at
             # least two columns), whatever their rounded values.
             count = count + (pcnt > 0).sum() * int(n_cols >= 2)
@@ -200,15 +202,7 @@ class SupConLoss(_Base):
             # No positive pair, or no negative pair, or at most one of each: 0, as the library.
             degenerate = (pos == 0) | (neg == 0) | ((pos <= 1) & (neg <= 1))
             out = torch.where(degenerate, torch.zeros_like(out), out)
-        return _finite_or_nan(out, z, k).to(z.dtype)
-
-
-def _finite_or_nan(out: Tensor, z: Tensor, k: Tensor) -> Tensor:
-    """NaN when any embedding or reference embedding is non-finite (no host sync)."""
-    finite = torch.isfinite(z).all()
-    if k is not z:
-        finite = finite & torch.isfinite(k).all()
-    return torch.where(finite, out, torch.full_like(out, float("nan")))
+        return nan_if_nonfinite(out, z, None if k is z else k).to(z.dtype)
 
 
 def _check_distance(distance) -> float:

@@ -29,6 +29,7 @@ __all__ = [
     "tcl_loss",
     "esupcon_loss",
     "esupcon_logits",
+    "prototype_labels",
 ]
 
 _NEG_INF = float("-inf")
@@ -65,8 +66,15 @@ def _match(a: Tensor, b: Tensor, multilabel: bool) -> Tensor:
     return a[:, None] == b[None, :]
 
 
-def _class_labels(k: int, multilabel: bool, device) -> Tensor:
-    """The labels of the K prototypes: class ids, or one bit each for multi-label data."""
+def prototype_labels(k: int, multilabel: bool, device) -> Tensor:
+    """The labels of ESupCon's K prototypes: class ids, or one bit each for multi-label data
+    (the streamed loss uses it too).
+
+    Args:
+        k: the number of prototypes.
+        multilabel: bitmask labels (one bit per prototype; at most 64).
+        device: where the labels are made.
+    """
     cls = torch.arange(k, device=device)
     if not multilabel:
         return cls
@@ -332,7 +340,7 @@ def esupcon_loss(
     n = z.shape[0]
     u = prototypes / prototypes.norm(dim=1, keepdim=True)
     u = u.to(z.dtype)
-    cls = _class_labels(k_cls, ml, z.device)
+    cls = prototype_labels(k_cls, ml, z.device)
     # Sample anchors against [samples; queue; prototypes].
     samples, sample_lab = _label_columns(z, y, queue, ml)
     cols = torch.cat([samples, u], dim=0)

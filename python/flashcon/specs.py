@@ -5,7 +5,8 @@ list of streamed log-sum-exps (each a weighting of positives, negatives and TCL'
 ``engine.lse_fwd``), optionally SINCERE's softplus pass, and a per-row combination done in
 PyTorch with the closed-form target terms (docs/losses.md §0, §3). Adding a loss is adding a row
 here and its combination in ``functional``; adding a backend is implementing the four engine
-functions: the table serves both.
+functions. Every backend reads the weights from this table; the fused Triton losses (SupCon
+L_out, NT-Xent, TCL, SINCERE) carry their row combination in their kernels.
 """
 
 from __future__ import annotations
@@ -32,59 +33,33 @@ class Stream:
 
 @dataclasses.dataclass(frozen=True)
 class LossSpec:
+    """A loss's streamed log-sum-exps, named by the statistic each gives; the per-row
+    combination with the closed-form terms is the loss's own (``flashcon.functional``, and the
+    fused kernels' row code for the losses they cover)."""
+
     name: str
     streams: tuple[Stream, ...]
-    softplus_pass: bool  # SINCERE's second pass over positives
-    closed_form: str  # the O(N·D) part done in PyTorch
-    saved: str  # per-row statistics kept for the backward
+
+    def stream(self, stat: str) -> Stream:
+        for s in self.streams:
+            if s.stat == stat:
+                return s
+        raise KeyError(f"{self.name} has no stream {stat!r}")
 
 
 LOSS_SPECS: dict[str, LossSpec] = {
     s.name: s
     for s in (
-        LossSpec(
-            "supcon_out",
-            (Stream("lse"),),
-            False,
-            "Q_i = psum_i/τ, C_i = pcnt_i (streamed alongside the LSE)",
-            "lse",
-        ),
-        LossSpec(
-            "supcon_in",
-            (Stream("lse"), Stream("lse_pos", 1.0, 0.0)),
-            False,
-            "log C_i",
-            "lse, lse_pos",
-        ),
-        LossSpec(
-            "supcon_mask",
-            (Stream("lse"), Stream("lse_pos", 1.0, 0.0)),
-            False,
-            "weighted Q_i = psum_i/τ and C_i = pcnt_i from the pos_weight pass",
-            "lse, lse_pos",
-        ),
-        LossSpec("ntxent", (Stream("lse"),), False, "as supcon_out, label = sample id", "lse"),
-        LossSpec(
-            "sincere",
-            (Stream("eta", 0.0, 1.0),),
-            True,
-            "1/C_i",
-            "eta, r (= Σ_P σ(η − ℓ))",
-        ),
-        LossSpec(
-            "genscl",
-            (Stream("lse"),),
-            False,
-            "M_i = ŷ_i·Σŷ − 1, A_i = (ŷ_iᵀ(ŶᵀZ)z_i − ‖z_i‖²)/τ",
-            "lse",
-        ),
-        LossSpec("tcl", (Stream("log_d", 1.0, "k2", "k1"),), False, "Q_i, C_i", "log_d"),
-        LossSpec(
-            "esupcon",
-            (Stream("lse"),),
-            False,
-            "Q_i, C_i over samples ∪ prototypes; prototype rows as a second call",
-            "lse",
-        ),
+        LossSpec("supcon_out", (Stream("lse"),)),
+        LossSpec("supcon_in", (Stream("lse"), Stream("lse_pos", 1.0, 0.0))),
+        # SupContrast's mask: the weighted pass gives the positives' sums (psum, pcnt).
+        LossSpec("supcon_mask", (Stream("lse"), Stream("lse_pos", 1.0, 0.0))),
+        LossSpec("ntxent", (Stream("lse"),)),  # as supcon_out, the label a sample id
+        # SINCERE: η over the negatives, then the softplus pass over the positives.
+        LossSpec("sincere", (Stream("eta", 0.0, 1.0),)),
+        LossSpec("genscl", (Stream("lse"),)),  # every column weighted alike
+        LossSpec("tcl", (Stream("log_d", 1.0, "k2", "k1"),)),
+        # Samples and prototypes as columns; the prototypes as anchors in a second call.
+        LossSpec("esupcon", (Stream("lse"),)),
     )
 }
