@@ -12,7 +12,43 @@ from . import functional as F
 from .queue import MemoryQueue
 
 
-class SupConLoss(nn.Module):
+class ContrastiveLoss(nn.Module):
+    """What the loss modules share: the temperature, the backend and distributed gathering,
+    passed to their functional loss with the call's ``queue``.
+
+    Args:
+        temperature: τ.
+        backend: as the functional losses' ``backend`` (default ``'auto'``).
+        gather_distributed: gather the global batch from every rank of ``group`` (see
+            :func:`flashcon.supcon_loss`).
+        group: the process group (default: the world).
+    """
+
+    def __init__(
+        self,
+        temperature: float,
+        backend: str = "auto",
+        gather_distributed: bool = False,
+        group=None,
+    ) -> None:
+        super().__init__()
+        self.temperature = V.check_temperature(temperature, "temperature")
+        self.backend = backend
+        self.gather_distributed = bool(gather_distributed)
+        self.group = group
+
+    def _common(self, queue: MemoryQueue | None) -> dict:
+        """The functional loss's keyword arguments every module passes."""
+        return {
+            "temperature": self.temperature,
+            "backend": self.backend,
+            "gather_distributed": self.gather_distributed,
+            "group": self.group,
+            "queue": queue,
+        }
+
+
+class SupConLoss(ContrastiveLoss):
     """Drop-in for SupContrast's ``SupConLoss``: ``forward(features, labels=None, mask=None)``.
 
     It takes what SupContrast takes: features ``[B, V, ...]`` (trailing dimensions
@@ -43,14 +79,10 @@ class SupConLoss(nn.Module):
         gather_distributed: bool = False,
         group=None,
     ) -> None:
-        super().__init__()
-        self.temperature = V.check_temperature(temperature, "temperature")
+        super().__init__(temperature, backend, gather_distributed, group)
         self.base_temperature = V.check_temperature(base_temperature, "base_temperature")
         self.contrast_mode = V.check_choice(contrast_mode, "contrast_mode", ("all", "one"))
         self.variant = V.check_choice(variant, "variant", ("out", "in"))
-        self.backend = backend
-        self.gather_distributed = bool(gather_distributed)
-        self.group = group
 
     def forward(
         self,
@@ -73,14 +105,10 @@ class SupConLoss(nn.Module):
             features,
             labels,
             mask,
-            temperature=self.temperature,
             base_temperature=self.base_temperature,
             contrast_mode=self.contrast_mode,
             variant=self.variant,
-            backend=self.backend,
-            gather_distributed=self.gather_distributed,
-            group=self.group,
-            queue=queue,
+            **self._common(queue),
         )
 
     def extra_repr(self) -> str:
@@ -91,7 +119,7 @@ class SupConLoss(nn.Module):
         )
 
 
-class NTXentLoss(nn.Module):
+class NTXentLoss(ContrastiveLoss):
     """NT-Xent / SimCLR: ``forward(features [B, V, D])``.
 
     Args:
@@ -113,16 +141,12 @@ class NTXentLoss(nn.Module):
         gather_distributed: bool = False,
         group=None,
     ) -> None:
-        super().__init__()
         if gather_distributed and not torch.distributed.is_available():
             raise ValueError(
                 "gather_distributed=True but torch.distributed is not available in this torch "
                 "build; pass gather_distributed=False"
             )
-        self.temperature = V.check_temperature(temperature, "temperature")
-        self.backend = backend
-        self.gather_distributed = bool(gather_distributed)
-        self.group = group
+        super().__init__(temperature, backend, gather_distributed, group)
 
     def forward(self, features: Tensor, *, queue: MemoryQueue | None = None) -> Tensor:
         """The loss of :func:`flashcon.ntxent_loss` with this module's options.
@@ -133,17 +157,10 @@ class NTXentLoss(nn.Module):
         """
         # lightly gathers only where a process group is initialised (one process otherwise).
         gather = self.gather_distributed and torch.distributed.is_initialized()
-        return F.ntxent_loss(
-            features,
-            temperature=self.temperature,
-            backend=self.backend,
-            gather_distributed=gather,
-            group=self.group,
-            queue=queue,
-        )
+        return F.ntxent_loss(features, **{**self._common(queue), "gather_distributed": gather})
 
 
-class SINCERELoss(nn.Module):
+class SINCERELoss(ContrastiveLoss):
     """SINCERE: ``forward(features, labels)``.
 
     Args:
@@ -161,11 +178,7 @@ class SINCERELoss(nn.Module):
         gather_distributed: bool = False,
         group=None,
     ) -> None:
-        super().__init__()
-        self.temperature = V.check_temperature(temperature, "temperature")
-        self.backend = backend
-        self.gather_distributed = bool(gather_distributed)
-        self.group = group
+        super().__init__(temperature, backend, gather_distributed, group)
 
     def forward(
         self, features: Tensor, labels: Tensor, *, queue: MemoryQueue | None = None
@@ -177,18 +190,10 @@ class SINCERELoss(nn.Module):
             labels: class ids ``[B]`` or multi-hot bool ``[B, L]``.
             queue: an optional :class:`flashcon.MemoryQueue` of extra contrast columns.
         """
-        return F.sincere_loss(
-            features,
-            labels,
-            temperature=self.temperature,
-            backend=self.backend,
-            gather_distributed=self.gather_distributed,
-            group=self.group,
-            queue=queue,
-        )
+        return F.sincere_loss(features, labels, **self._common(queue))
 
 
-class GenSCLLoss(nn.Module):
+class GenSCLLoss(ContrastiveLoss):
     """GenSCL: ``forward(features, soft_labels)`` with soft labels ``[B, K]`` or ``[B, V, K]``.
 
     Args:
@@ -208,12 +213,8 @@ class GenSCLLoss(nn.Module):
         gather_distributed: bool = False,
         group=None,
     ) -> None:
-        super().__init__()
-        self.temperature = V.check_temperature(temperature, "temperature")
+        super().__init__(temperature, backend, gather_distributed, group)
         self.base_temperature = V.check_temperature(base_temperature, "base_temperature")
-        self.backend = backend
-        self.gather_distributed = bool(gather_distributed)
-        self.group = group
 
     def forward(
         self, features: Tensor, soft_labels: Tensor, *, queue: MemoryQueue | None = None
@@ -226,18 +227,11 @@ class GenSCLLoss(nn.Module):
             queue: an optional :class:`flashcon.MemoryQueue` holding soft labels.
         """
         return F.genscl_loss(
-            features,
-            soft_labels,
-            temperature=self.temperature,
-            base_temperature=self.base_temperature,
-            backend=self.backend,
-            gather_distributed=self.gather_distributed,
-            group=self.group,
-            queue=queue,
+            features, soft_labels, base_temperature=self.base_temperature, **self._common(queue)
         )
 
 
-class TCLLoss(nn.Module):
+class TCLLoss(ContrastiveLoss):
     """Tuned Contrastive Learning: ``forward(features, labels)``.
 
     Args:
@@ -259,13 +253,9 @@ class TCLLoss(nn.Module):
         gather_distributed: bool = False,
         group=None,
     ) -> None:
-        super().__init__()
-        self.temperature = V.check_temperature(temperature, "temperature")
+        super().__init__(temperature, backend, gather_distributed, group)
         self.k1 = V.check_nonneg(k1, "k1")
         self.k2 = V.check_nonneg(k2, "k2")
-        self.backend = backend
-        self.gather_distributed = bool(gather_distributed)
-        self.group = group
 
     def forward(
         self, features: Tensor, labels: Tensor, *, queue: MemoryQueue | None = None
@@ -277,20 +267,10 @@ class TCLLoss(nn.Module):
             labels: class ids ``[B]`` or multi-hot bool ``[B, L]``.
             queue: an optional :class:`flashcon.MemoryQueue` of extra contrast columns.
         """
-        return F.tcl_loss(
-            features,
-            labels,
-            temperature=self.temperature,
-            k1=self.k1,
-            k2=self.k2,
-            backend=self.backend,
-            gather_distributed=self.gather_distributed,
-            group=self.group,
-            queue=queue,
-        )
+        return F.tcl_loss(features, labels, k1=self.k1, k2=self.k2, **self._common(queue))
 
 
-class ESupConLoss(nn.Module):
+class ESupConLoss(ContrastiveLoss):
     """ESupCon: owns ``prototypes`` ``[K, D]`` (an ``nn.Parameter``), which double as a classifier.
 
     ``forward(features, labels)`` returns the loss; ``logits(z)`` the classifier logits
@@ -323,19 +303,15 @@ class ESupConLoss(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
         if num_classes < 1 or dim < 1:
             raise ValueError(f"num_classes and dim must be >= 1, got {num_classes}, {dim}")
-        self.temperature = V.check_temperature(temperature, "temperature")
+        super().__init__(temperature, backend, gather_distributed, group)
         self.base_temperature = (
             None
             if base_temperature is None
             else V.check_temperature(base_temperature, "base_temperature")
         )
         self.prototype_anchors = bool(prototype_anchors)
-        self.backend = backend
-        self.gather_distributed = bool(gather_distributed)
-        self.group = group
         w = torch.empty(num_classes, dim, device=device, dtype=dtype)
         nn.init.normal_(w, std=1.0 / math.sqrt(dim))
         self.prototypes = nn.Parameter(w)
@@ -354,13 +330,9 @@ class ESupConLoss(nn.Module):
             features,
             labels,
             self.prototypes,
-            temperature=self.temperature,
             base_temperature=self.base_temperature,
             prototype_anchors=self.prototype_anchors,
-            backend=self.backend,
-            gather_distributed=self.gather_distributed,
-            group=self.group,
-            queue=queue,
+            **self._common(queue),
         )
 
     def logits(self, z: Tensor) -> Tensor:

@@ -29,7 +29,6 @@ __all__ = [
     "tcl_loss",
     "esupcon_loss",
     "esupcon_logits",
-    "prototype_labels",
 ]
 
 _NEG_INF = float("-inf")
