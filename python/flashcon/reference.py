@@ -1,6 +1,6 @@
 """Dense reference implementations of every loss (the test oracle and the benchmark baseline).
 
-Each function builds the full N×M logit matrix and applies the formulas of LOSSES.md directly,
+Each function builds the full N×M logit matrix and applies the formulas of docs/losses.md directly,
 in the dtype of its input (call it with float64 tensors for an oracle). They share the public
 functions' signatures and argument documentation, less the ``backend``, ``gather_distributed``
 and ``group`` arguments (one process only), and validate their input the same way.
@@ -130,7 +130,7 @@ def supcon_loss(
     variant: str = "out",
     queue: MemoryQueue | None = None,
 ) -> Tensor:
-    """Dense SupCon (LOSSES.md §1): L_out or L_in, 'all' or 'one' contrast mode.
+    """Dense SupCon (docs/losses.md §1): L_out or L_in, 'all' or 'one' contrast mode.
 
     Arguments as :func:`flashcon.supcon_loss`.
     """
@@ -193,7 +193,7 @@ def sincere_loss(
     temperature: float = 0.07,
     queue: MemoryQueue | None = None,
 ) -> Tensor:
-    """Dense SINCERE (LOSSES.md §2): each positive against the negatives only.
+    """Dense SINCERE (docs/losses.md §2): each positive against the negatives only.
 
     Arguments as :func:`flashcon.sincere_loss`.
     """
@@ -228,7 +228,7 @@ def genscl_loss(
     base_temperature: float = 0.07,
     queue: MemoryQueue | None = None,
 ) -> Tensor:
-    """Dense GenSCL (LOSSES.md §3): cross-entropy of label cosine similarity vs latent softmax.
+    """Dense GenSCL (docs/losses.md §3): cross-entropy of label cosine similarity vs latent softmax.
 
     Arguments as :func:`flashcon.genscl_loss`.
     """
@@ -266,7 +266,7 @@ def tcl_loss(
     k2: float = 1.0,
     queue: MemoryQueue | None = None,
 ) -> Tensor:
-    """Dense TCL (LOSSES.md §4), row form; the k1 term uses e^{−s} without τ, as the code does.
+    """Dense TCL (docs/losses.md §4), row form; the k1 term uses e^{−s} without τ, as the code does.
 
     Arguments as :func:`flashcon.tcl_loss`.
     """
@@ -284,7 +284,7 @@ def tcl_loss(
     same = _match(y, ycols, ml)
     pos = same & not_self
     neg = ~same
-    # log D_i as one log-sum-exp over three sub-streams (LOSSES.md §4.2).
+    # log D_i as one log-sum-exp over three sub-streams (docs/losses.md §4.2).
     streams = [logits]
     keeps = [pos]
     if k1 > 0:
@@ -324,7 +324,7 @@ def esupcon_loss(
     prototype_anchors: bool = True,
     queue: MemoryQueue | None = None,
 ) -> Tensor:
-    """Dense ESupCon (LOSSES.md §5, flashcon's definition): samples and class prototypes.
+    """Dense ESupCon (docs/losses.md §5, flashcon's definition): samples and class prototypes.
 
     Arguments as :func:`flashcon.esupcon_loss`.
     """
