@@ -198,9 +198,9 @@ def make_loss_fn(provider: str, loss: str) -> Callable:
         if backend.endswith("-tiles"):
             # Each point runs in its own worker process: the switch holds for its forward
             # and backward calls, and for nothing else.
-            from flashcon.triton_kernels import launch
+            from flashcon.triton_kernels import config
 
-            os.environ[launch.SCHEDULE_ENV] = "tiles"
+            os.environ[config.SCHEDULE_ENV] = "tiles"
             backend = backend[: -len("-tiles")]
         return functools.partial(fn, **kwargs, backend=backend)
     if provider == "reference":

@@ -48,7 +48,9 @@ triton.runtime.driver.set_active(_TargetOnly())
 
 from torch._higher_order_ops import triton_kernel_wrap as TKW  # noqa: E402
 
-from flashcon.triton_kernels import launch as L  # noqa: E402
+from flashcon.triton_kernels import fused_launch, lse_launch, sym_launch  # noqa: E402
+
+LAUNCHERS = (lse_launch, sym_launch, fused_launch)
 
 # What each kernel's launcher reads back after the launch (pointer parameter names).
 OUTPUTS = {
@@ -89,7 +91,8 @@ class _Recorder:
         return launch
 
 
-L.wrap_triton = _Recorder  # the launchers look the name up at call time
+for _mod in LAUNCHERS:
+    _mod.wrap_triton = _Recorder  # each launcher looks the name up in its module at call time
 
 
 def _written(kernel, kwargs: dict) -> list[str]:
@@ -141,16 +144,18 @@ def record_all() -> None:
         k, klab = _inputs(24, d, dtype, mode)[:2]
         w = (1.0, 2.0, k1)
         for off in (-1, 0, 3):
-            L.lse_fwd(z, k, lab, klab, off, 5.0, *w, ml, pos_weight=pw)
-            L.lse_bwd(vec(n), vec(n), z, k, lab, klab, vec(n), off, 5.0, *w, ml, pos_weight=pw)
+            lse_launch.lse_fwd(z, k, lab, klab, off, 5.0, *w, ml, pos_weight=pw)
+            lse_launch.lse_bwd(
+                vec(n), vec(n), z, k, lab, klab, vec(n), off, 5.0, *w, ml, pos_weight=pw
+            )
             if pw is None and k1 == 0:
-                L.sp_fwd(z, k, lab, klab, vec(n), off, 5.0, ml)
-                L.sp_bwd(vec(n), z, k, lab, klab, vec(n), off, 5.0, ml)
-        L.sym_lse_fwd(z, lab, 5.0, *w, ml, pos_weight=pw)
-        L.sym_lse_bwd(vec(n), vec(n), z, lab, vec(n), 5.0, *w, ml, pos_weight=pw)
+                lse_launch.sp_fwd(z, k, lab, klab, vec(n), off, 5.0, ml)
+                lse_launch.sp_bwd(vec(n), z, k, lab, klab, vec(n), off, 5.0, ml)
+        sym_launch.sym_lse_fwd(z, lab, 5.0, *w, ml, pos_weight=pw)
+        sym_launch.sym_lse_bwd(vec(n), vec(n), z, lab, vec(n), 5.0, *w, ml, pos_weight=pw)
         if pw is None and k1 == 0:
-            L.sym_sp_fwd(z, lab, vec(n), 5.0, ml)
-            L.sym_sp_bwd(vec(n), z, lab, vec(n), 5.0, ml)
+            sym_launch.sym_sp_fwd(z, lab, vec(n), 5.0, ml)
+            sym_launch.sym_sp_bwd(vec(n), z, lab, vec(n), 5.0, ml)
         if pw is None and not det:  # the fused losses (fused.py)
             for loss, wk in (("out", w), ("sincere", (0.0, 1.0, 0.0))):
                 if loss == "sincere" and k1 > 0:
@@ -158,10 +163,10 @@ def record_all() -> None:
                 # Per-sample labels of 20 samples × 2 views: class ids, multi-hot or none.
                 labels = torch.rand(20, 5) < 0.4 if ml else lab[:20]
                 for lab_in in (labels, None) if not ml else (labels,):
-                    value, stats, plan, gates, rows = L.fused_fwd(
+                    value, stats, plan, gates, rows = fused_launch.fused_fwd(
                         z, lab_in, 2, loss, 5.0, *wk, ml, 0.1
                     )
-                    L.fused_bwd(
+                    fused_launch.fused_bwd(
                         torch.rand(()), z, rows, stats, plan, gates, loss, 5.0, *wk, ml, 0.1
                     )
     torch.use_deterministic_algorithms(False)

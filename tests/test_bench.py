@@ -201,13 +201,13 @@ def test_one_tile_schedule_provider(monkeypatch):
     import providers
     import torch
 
-    from flashcon.triton_kernels import launch
+    from flashcon.triton_kernels import config
 
     assert "flashcon-triton-tiles" in providers.PROVIDERS
     ok, why = providers.availability("flashcon-triton-tiles", "supcon", torch.device("cpu"))
     assert not ok and "CUDA" in why
-    monkeypatch.setenv(launch.SCHEDULE_ENV, "runs")  # restored (unset) after the test
+    monkeypatch.setenv(config.SCHEDULE_ENV, "runs")  # restored (unset) after the test
     fn = providers.make_loss_fn("flashcon-triton-tiles", "supcon")
-    assert os.environ[launch.SCHEDULE_ENV] == "tiles"
+    assert os.environ[config.SCHEDULE_ENV] == "tiles"
     assert fn.keywords["backend"] == "triton"
     assert fn.func.__name__ == "supcon_loss"

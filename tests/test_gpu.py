@@ -44,7 +44,7 @@ def test_some_gpu_backend_is_available():
 
 
 # fp32 against float64 (the fixture above keeps cuBLAS in IEEE; the Triton kernels' fp32 dots
-# are then three TF32 products of split operands, "3xtf32", launch.dot_precision). These
+# are then three TF32 products of split operands, "3xtf32", config.dot_precision). These
 # tolerances cannot be measured without a GPU; they come from the same arithmetic measured
 # without one on this grid (every loss, τ = 0.1): Triton's interpreter (N up to 390; it runs
 # the split as written, with round-to-nearest additions: against IEEE products at N = 74, the

@@ -27,7 +27,7 @@ from flashcon.testing import assert_rounding_bound
 
 # Only the triton package itself may be missing; an import error in flashcon's kernels fails.
 pytest.importorskip("triton")
-from flashcon.triton_kernels import launch, ops  # noqa: E402
+from flashcon.triton_kernels import config, lse_launch, ops  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Small absolute slack per dtype, relative to the largest reference magnitude, over what
@@ -222,7 +222,7 @@ def test_backend_selection_and_float64():
 # Op level: the four launchers against torch_stream, rectangular, every self_offset kind.
 # --------------------------------------------------------------------------------------------
 
-SMALL = launch.TileConfig(16, 16, 16, 16, 4, 1)  # many tiles on small shapes: rescaling paths
+SMALL = config.TileConfig(16, 16, 16, 16, 4, 1)  # many tiles on small shapes: rescaling paths
 
 OP_SHAPES = [
     (37, 50, 7, -1),
@@ -299,13 +299,13 @@ def test_lse_ops(shape, weights, tiles):
     scale = 1 / 0.07
     want = TS.lse_fwd(q.double(), k.double(), ql, kl, so, scale, *weights)
     qd, kd, qld, kld = (t.to(DEVICE) for t in (q, k, ql, kl))
-    got = launch.lse_fwd(qd, kd, qld, kld, so, scale, *weights, config=cfg)
+    got = lse_launch.lse_fwd(qd, kd, qld, kld, so, scale, *weights, config=cfg)
     for name, a, b in zip(("lse", "psum", "pcnt"), got, want):
         _close(name, a, b, OP_STAT_REL)
     g_lse, g_psum = torch.randn(n, generator=g), torch.randn(n, generator=g)
     lse = want[0].float()  # both sides get the same lse
     want = TS.lse_bwd(*_f64(g_lse, g_psum, q, k), ql, kl, lse.double(), so, scale, *weights)
-    got = launch.lse_bwd(
+    got = lse_launch.lse_bwd(
         g_lse.to(DEVICE), g_psum.to(DEVICE), qd, kd, qld, kld, lse.to(DEVICE), so, scale,
         *weights, config=cfg,
     )  # fmt: skip
@@ -329,12 +329,12 @@ def test_sp_ops(shape, tiles):
     eta = TS.lse_fwd(q, k, ql, kl, so, scale, 0.0, 1.0, 0.0)[0]  # −inf where no negatives
     want = TS.sp_fwd(*_f64(q, k), ql, kl, eta.double(), so, scale)
     qd, kd, qld, kld, etad = (t.to(DEVICE) for t in (q, k, ql, kl, eta))
-    got = launch.sp_fwd(qd, kd, qld, kld, etad, so, scale, config=cfg)
+    got = lse_launch.sp_fwd(qd, kd, qld, kld, etad, so, scale, config=cfg)
     for name, a, b in zip(("sp", "r"), got, want):
         _close(name, a, b, OP_STAT_REL)
     g_sp = torch.randn(n, generator=g)
     want = TS.sp_bwd(*_f64(g_sp, q, k), ql, kl, eta.double(), so, scale)
-    got = launch.sp_bwd(g_sp.to(DEVICE), qd, kd, qld, kld, etad, so, scale, config=cfg)
+    got = lse_launch.sp_bwd(g_sp.to(DEVICE), qd, kd, qld, kld, etad, so, scale, config=cfg)
     for name, a, b in zip(("dq", "dk"), got, want):
         _close(name, a, b, OP_GRAD_REL)
 
@@ -351,18 +351,18 @@ def test_multilabel_ops(shape):
     want = TS.lse_fwd(q64, k64, ql, kl, *args)
     lse = want[0].float()
     q, k, ql, kl = (t.to(DEVICE) for t in (q, k, ql, kl))
-    got = launch.lse_fwd(q, k, ql, kl, *args)
+    got = lse_launch.lse_fwd(q, k, ql, kl, *args)
     for name, a, b in zip(("lse", "psum", "pcnt"), got, want):
         _close(name, a, b, OP_STAT_REL)
     g_lse, g_psum = torch.randn(n, generator=g), torch.randn(n, generator=g)
     want = TS.lse_bwd(*_f64(g_lse, g_psum), q64, k64, ql.cpu(), kl.cpu(), lse.double(), *args)
     g_lse, g_psum = g_lse.to(DEVICE), g_psum.to(DEVICE)
-    got = launch.lse_bwd(g_lse, g_psum, q, k, ql, kl, lse.to(DEVICE), *args)
+    got = lse_launch.lse_bwd(g_lse, g_psum, q, k, ql, kl, lse.to(DEVICE), *args)
     for name, a, b in zip(("dq", "dk"), got, want):
         _close(name, a, b, OP_GRAD_REL)
     eta = torch.randn(n, generator=g)
     want = TS.sp_fwd(q64, k64, ql.cpu(), kl.cpu(), eta.double(), so, 10.0, True)
-    got = launch.sp_fwd(q, k, ql, kl, eta.to(DEVICE), so, 10.0, True)
+    got = lse_launch.sp_fwd(q, k, ql, kl, eta.to(DEVICE), so, 10.0, True)
     for name, a, b in zip(("sp", "r"), got, want):
         _close(name, a, b, OP_STAT_REL)
 

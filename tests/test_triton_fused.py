@@ -1,4 +1,4 @@
-"""The fused 'all'-mode losses of the Triton backend (``launch.fused_fwd``/``fused_bwd``,
+"""The fused 'all'-mode losses of the Triton backend (``fused_launch.fused_fwd``/``fused_bwd``,
 ``triton_kernels/fused.py``) against the float64 reference, through the public API.
 
 SupCon L_out, NT-Xent, TCL and SINCERE in 'all' mode (no mask, queue or gathering) take this
@@ -22,7 +22,7 @@ from flashcon import reference as R
 from flashcon.tools.launch_count import count_device_ops
 
 pytest.importorskip("triton")
-from flashcon.triton_kernels import launch  # noqa: E402
+from flashcon.triton_kernels import fused_launch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LOSSES = ("supcon", "ntxent", "tcl", "sincere")
@@ -152,7 +152,7 @@ def test_forward_gate_falls_back_to_the_general_kernels(loss):
 def _bwd_gate_of(step) -> int:
     """The backward gate the fused backward computed (read from _bwd_finish_kernel's launch)."""
     seen = []
-    real = launch.wrap_triton
+    real = fused_launch.wrap_triton
 
     def spy(kernel):
         wrapped = real(kernel)
@@ -170,11 +170,11 @@ def _bwd_gate_of(step) -> int:
 
         return _Grid()
 
-    launch.wrap_triton = spy
+    fused_launch.wrap_triton = spy
     try:
         step()
     finally:
-        launch.wrap_triton = real
+        fused_launch.wrap_triton = real
     assert len(seen) == 1, seen
     return seen[0]
 

@@ -7,6 +7,8 @@ odd and even block counts of the circulant tile-pair schedule (sym.py) with the 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -20,11 +22,11 @@ pytest.importorskip("triton")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from flashcon.triton_kernels import launch, ops  # noqa: E402
+from flashcon.triton_kernels import config, lse_launch, ops, sym_launch  # noqa: E402
 from flashcon.triton_kernels.lse import _mma  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SMALL = launch.TileConfig(16, 16, 16, 16, 4, 1)
+SMALL = config.TileConfig(16, 16, 16, 16, 4, 1)
 # N of 1, 2, 3, 37, 100 and 130: blocks of 32 rows (fp32 table) give NB = 1, 1, 1, 2, 4, 5
 # and of 16 rows NB = 1, 1, 1, 3, 7, 9 (odd and even schedules); D of 1, 7, 16, 130, 33.
 SHAPES = [(1, 7), (2, 1), (3, 7), (37, 130), (100, 16), (130, 33)]
@@ -68,7 +70,7 @@ def _check_lse(
     if config is None:
         got = ops.sym_lse_fwd_op(zd, labd, *dargs)
     else:
-        got = launch.sym_lse_fwd(zd, labd, *dargs, config=config)
+        got = sym_launch.sym_lse_fwd(zd, labd, *dargs, config=config)
     want = TS.sym_lse_fwd(z.double(), lab, *args)
     general = ops.lse_fwd_op(zd, zd, labd, labd, 0, *dargs)
     for name, a, e, c in zip(("lse", "psum", "pcnt"), got, want, general):
@@ -81,7 +83,7 @@ def _check_lse(
     if config is None:
         dz = ops.sym_lse_bwd_op(*_dev(g_lse, g_psum, z, lab, lse), *dargs)
     else:
-        dz = launch.sym_lse_bwd(*_dev(g_lse, g_psum, z, lab, lse), *dargs, config=config)
+        dz = sym_launch.sym_lse_bwd(*_dev(g_lse, g_psum, z, lab, lse), *dargs, config=config)
     exp = TS.sym_lse_bwd(g_lse.double(), g_psum.double(), z.double(), lab, lse.double(), *args)
     dq, dk = ops.lse_bwd_op(*_dev(g_lse, g_psum, z, z, lab, lab, lse), 0, *dargs)
     assert dz.dtype == z.dtype and dz.shape == z.shape
@@ -109,7 +111,7 @@ _LSE_GRID = [
 def test_sym_lse_matches_contract_and_general(shape, weights, mode, tiles):
     """Unit-norm features at τ = 0.1: the static shift (range 20) serves every case."""
     z, lab, ml, pw, g = _inputs(*shape, torch.float32, mode)
-    plan = launch.sym_plan(z, 10.0, *weights, pw)
+    plan = sym_launch.sym_plan(z, 10.0, *weights, pw)
     assert bool(plan.ok), "these inputs must take the symmetric kernels"
     cfg = SMALL if tiles == "small" else None
     _check_lse(z, lab, 10.0, weights, ml, pw, g, config=cfg)
@@ -120,7 +122,7 @@ def test_sym_lse_matches_contract_and_general(shape, weights, mode, tiles):
 # of 2 (some ending at the duplicate distance NB/2 of an even NB) and whole rows of partners.
 # "resident" adds 16-row fp32 resident tiles (sym_tiles' "res" entries, D <= 128), whose
 # parity with the contract is then checked at fp32's tolerances.
-_RES16 = launch.TileConfig(16, 16, 128, 128, 4, 1)
+_RES16 = config.TileConfig(16, 16, 128, 128, 4, 1)
 SCHEDULES = {"runs2": (2, None), "resident-runs2": (2, _RES16), "resident-runs16": (16, _RES16)}
 # (shape, positives, weights): 16-row blocks give NB = 8 (even: the distance-NB/2 pair taken
 # once) and 9 (odd); D = 130 is above the resident limit (streamed, 32-row table tiles:
@@ -135,22 +137,22 @@ _RUN_CASES = [
 @pytest.fixture
 def schedule(request, monkeypatch):
     chunk, res = SCHEDULES[request.param]
-    monkeypatch.setattr(launch, "SYM_CHUNK", chunk)
-    monkeypatch.setattr(launch, "SYM_PROGRAMS", 1)
-    arch = launch.arch_of(torch.device(DEVICE))
+    monkeypatch.setattr(config, "SYM_CHUNK", chunk)
+    monkeypatch.setattr(config, "SYM_PROGRAMS", 1)
+    arch = config.arch_of(torch.device(DEVICE))
     if res is not None:
         for kind in ("sym_fwd", "sym_bwd"):
-            tiles = res if kind == "sym_bwd" else launch.dataclasses.replace(res, block_do=0)
-            monkeypatch.setitem(launch.CONFIGS, (arch, kind, 32, "res"), tiles)
+            tiles = res if kind == "sym_bwd" else dataclasses.replace(res, block_do=0)
+            monkeypatch.setitem(config.CONFIGS, (arch, kind, 32, "res"), tiles)
     # The tiles of every symmetric launch, to check which variant ran.
     seen = []
-    real = launch._launch_sym
+    real = sym_launch._launch_sym
 
     def spy(name, n, cfg, fl, args):
         seen.append((name, n, cfg, fl["RESIDENT"]))
         return real(name, n, cfg, fl, args)
 
-    monkeypatch.setattr(launch, "_launch_sym", spy)
+    monkeypatch.setattr(sym_launch, "_launch_sym", spy)
     return res, seen
 
 
@@ -164,30 +166,30 @@ def test_sym_partner_runs(shape, mode, weights, schedule):
     res, seen = schedule
     resident = res is not None and shape[1] <= 128
     # The streamed variant with 16-row tiles where no resident tiles are set (D <= 128).
-    cfg = launch.TileConfig(16, 16, 16, 16, 4, 1) if res is None and shape[1] <= 128 else None
+    cfg = config.TileConfig(16, 16, 16, 16, 4, 1) if res is None and shape[1] <= 128 else None
     z, lab, ml, pw, g = _inputs(*shape, torch.float32, mode)
     _check_lse(z, lab, 10.0, weights, ml, pw, g, config=cfg)
     assert {s[0] for s in seen} == {"_sym_fwd_kernel", "_sym_bwd_kernel"}
     for _, n, tiles, res_ran in seen:
         nb = -(-n // tiles.block_m)
-        assert nb >= 4 and launch.sym_chunk(nb) > 1  # runs of more than one partner ran
+        assert nb >= 4 and config.sym_chunk(nb) > 1  # runs of more than one partner ran
         assert res_ran == resident
 
 
 def test_one_tile_schedule_switch(monkeypatch):
     """FLASHCON_SYM_SCHEDULE=tiles (the bench's flashcon-triton-tiles A/B): one tile pair per
     program, streamed, read when the launcher runs; anything but 'runs'/'tiles' is an error."""
-    cuda = launch.TileConfig(64, 64, 128, 128, 8, 2)
-    monkeypatch.setattr(launch, "SYM_PROGRAMS", 1)
-    assert launch.sym_chunk(8) == launch.SYM_CHUNK  # 8 blocks: 40 tile pairs, runs of 16
-    assert launch.sym_tiles("sym_bwd", 90, torch.bfloat16, 128) == (cuda, True)
-    monkeypatch.setenv(launch.SCHEDULE_ENV, "tiles")
-    assert launch.sym_chunk(8) == 1
-    cfg, resident = launch.sym_tiles("sym_bwd", 90, torch.bfloat16, 128)
-    assert not resident and cfg == launch.pick_config("sym_bwd", 90, torch.bfloat16, 128)
-    monkeypatch.setenv(launch.SCHEDULE_ENV, "pairs")
+    cuda = config.TileConfig(64, 64, 128, 128, 8, 2)
+    monkeypatch.setattr(config, "SYM_PROGRAMS", 1)
+    assert config.sym_chunk(8) == config.SYM_CHUNK  # 8 blocks: 40 tile pairs, runs of 16
+    assert config.sym_tiles("sym_bwd", 90, torch.bfloat16, 128) == (cuda, True)
+    monkeypatch.setenv(config.SCHEDULE_ENV, "tiles")
+    assert config.sym_chunk(8) == 1
+    cfg, resident = config.sym_tiles("sym_bwd", 90, torch.bfloat16, 128)
+    assert not resident and cfg == config.pick_config("sym_bwd", 90, torch.bfloat16, 128)
+    monkeypatch.setenv(config.SCHEDULE_ENV, "pairs")
     with pytest.raises(ValueError, match="FLASHCON_SYM_SCHEDULE"):
-        launch.sym_chunk(8)
+        config.sym_chunk(8)
 
 
 @pytest.mark.parametrize("case", ["static-near-limit", "tiny-temperature", "large-norms"])
@@ -202,9 +204,9 @@ def test_sym_lse_shift_and_fallback(weights, mode, case):
         "large-norms": (4.0, 5.0),
     }[case]
     z, lab, ml, pw, g = _inputs(100, 7, torch.float32, mode, norm=norm)
-    plan = launch.sym_plan(z, scale, *weights, pw)
+    plan = sym_launch.sym_plan(z, scale, *weights, pw)
     r1, r2 = float(plan.range1), float(plan.range2)
-    assert bool(plan.ok) == (max(r1, r2) <= launch.SYM_RANGE), (r1, r2)
+    assert bool(plan.ok) == (max(r1, r2) <= sym_launch.SYM_RANGE), (r1, r2)
     # The spread is 2·scale·‖z‖² (76 near the limit, 200 and 160 past it) plus the log-spread
     # of the weights (log 2 for the TCL weights, up to ~4 for the random mask).
     assert 2 * scale * norm**2 - 1e-3 <= r1 <= 2 * scale * norm**2 + 5 or r1 == 0
@@ -223,14 +225,14 @@ def test_sym_sp_matches_contract_and_general(shape, mode, tiles):
     eta = TS.sym_lse_fwd(z.double(), lab, 0.7, 0.0, 1.0, 0.0, ml)[0]  # −inf: no negatives
     cfg = {"config": SMALL} if tiles == "small" else {}
     zd, labd, etad = _dev(z, lab, eta.float())
-    got = launch.sym_sp_fwd(zd, labd, etad, 0.7, ml, **cfg)
+    got = sym_launch.sym_sp_fwd(zd, labd, etad, 0.7, ml, **cfg)
     want = TS.sym_sp_fwd(z.double(), lab, eta, 0.7, ml)
-    general = launch.sp_fwd(zd, zd, labd, labd, etad, 0, 0.7, ml)
+    general = lse_launch.sp_fwd(zd, zd, labd, labd, etad, 0, 0.7, ml)
     for name, a, e, c in zip(("sp", "r"), got, want, general):
         assert_close_rel(a.cpu(), e, STAT_TOL, name)
         assert_close_rel(a.cpu(), c.cpu(), STAT_TOL, f"{name} vs general")
     g_sp = torch.randn(shape[0], generator=g)
-    dz = launch.sym_sp_bwd(*_dev(g_sp), zd, labd, etad, 0.7, ml, **cfg)
+    dz = sym_launch.sym_sp_bwd(*_dev(g_sp), zd, labd, etad, 0.7, ml, **cfg)
     exp = TS.sym_sp_bwd(g_sp.double(), z.double(), lab, eta, 0.7, ml)
     assert dz.dtype == z.dtype
     assert_close_rel(dz.cpu(), exp, DZ_RTOL, "dz")
@@ -257,7 +259,7 @@ LP_ULPS = {"stat": 16, torch.float16: 4, torch.bfloat16: 4}
 def test_sym_low_precision(dtype, schedule, monkeypatch):
     """fp32 statistics, gradients in the input dtype; 16-bit tiles (64 rows: NB = 3), resident
     (D = 40 <= 128) on the default schedule, streamed one tile per program on 'tiles'."""
-    monkeypatch.setenv(launch.SCHEDULE_ENV, schedule)
+    monkeypatch.setenv(config.SCHEDULE_ENV, schedule)
     z, lab, ml, pw, g = _inputs(130, 40, dtype, "labels")
     zd, labd = _dev(z, lab)
     lse, psum, pcnt = ops.sym_lse_fwd_op(zd, labd, 10.0, 1.0, 1.0, 0.0, ml, pw)
@@ -287,7 +289,7 @@ def test_sym_lse_weight_corners(case):
         pw[1, 2] = float("nan")
     else:
         pw, weights = None, (0.0, 0.0, 5.0)
-    assert bool(launch.sym_plan(z, 10.0, *weights, pw).ok)
+    assert bool(sym_launch.sym_plan(z, 10.0, *weights, pw).ok)
     # The NaN entry must read as a zero weight (a negative): the float64 contract with 0 there.
     contract_pw = pw.nan_to_num(0.0) if case == "nan-entry" else None
     _check_lse(z, lab, 10.0, weights, False, pw, g, contract_pw=contract_pw)
@@ -295,7 +297,7 @@ def test_sym_lse_weight_corners(case):
 
 def test_sym_lse_negative_scale_takes_the_general_path():
     z, lab, _, _, g = _inputs(40, 5, torch.float32, "labels")
-    assert not bool(launch.sym_plan(z, -5.0, 1.0, 1.0, 0.0, None).ok)
+    assert not bool(sym_launch.sym_plan(z, -5.0, 1.0, 1.0, 0.0, None).ok)
     _check_lse(z, lab, -5.0, (1.0, 1.0, 0.0), False, None, g)
 
 
@@ -329,7 +331,7 @@ def test_sym_empty_shapes(shape, dtype):
     for a, c in zip((lse, psum, pcnt), general):
         torch.testing.assert_close(a, c)
     sp = ops.sym_sp_fwd_op(zd, labd, lse, 10.0, False, None)
-    for a, c in zip(sp, launch.sp_fwd(zd, zd, labd, labd, lse, 0, 10.0, False)):
+    for a, c in zip(sp, lse_launch.sp_fwd(zd, zd, labd, labd, lse, 0, 10.0, False)):
         assert a.shape == (shape[0],)
         torch.testing.assert_close(a, c)
     g = torch.ones(shape[0], device=DEVICE)
@@ -357,7 +359,7 @@ def test_sym_non_finite_input_takes_the_general_path():
     z, lab, _, _, _ = _inputs(37, 7, torch.float32, "labels")
     z[3, 2] = float("nan")
     zd, labd = _dev(z, lab)
-    assert not bool(launch.sym_plan(zd, 10.0, 1.0, 1.0, 0.0, None).ok)
+    assert not bool(sym_launch.sym_plan(zd, 10.0, 1.0, 1.0, 0.0, None).ok)
     got = ops.sym_lse_fwd_op(zd, labd, 10.0, 1.0, 1.0, 0.0, False, None)
     general = ops.lse_fwd_op(zd, zd, labd, labd, 0, 10.0, 1.0, 1.0, 0.0, False, None)
     for a, c in zip(got, general):
@@ -403,13 +405,13 @@ def test_api_with_and_without_the_symmetric_path(loss, monkeypatch):
     """'all'-mode losses through the public API: symmetric and general kernels agree with the
     float64 reference, and the symmetric kernels run exactly when the path is on."""
     launched = []
-    real = launch._launch_sym
+    real = sym_launch._launch_sym
 
     def counting(name, *args, **kwargs):
         launched.append(name)
         return real(name, *args, **kwargs)
 
-    monkeypatch.setattr(launch, "_launch_sym", counting)
+    monkeypatch.setattr(sym_launch, "_launch_sym", counting)
     x = make_inputs(loss, 45, 2, 9, n_classes=5, dtype=torch.float32)
     f = x.pop("features")
     fn = getattr(flashcon, f"{loss}_loss")
@@ -437,7 +439,7 @@ def test_api_with_and_without_the_symmetric_path(loss, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------
-# fp32 tile products on tensor cores: three TF32 products (launch.dot_precision, lse._mma).
+# fp32 tile products on tensor cores: three TF32 products (config.dot_precision, lse._mma).
 # Every fp32 parity test of the Triton kernels runs them (the interpreter computes the same
 # split); these check the split itself and the sm_90 table's fp32 tiles.
 # --------------------------------------------------------------------------------------------
@@ -463,7 +465,7 @@ def _mma_probe(a_ptr, b_ptr, out_ptr, PREC: tl.constexpr, M: tl.constexpr, K: tl
 def _probe(a, b):
     """a·b through ``_mma`` with the fp32 precision the launchers pass, 64-row tiles (HGMMA
     on sm_90)."""
-    prec = launch.dot_precision(torch.float32)
+    prec = config.dot_precision(torch.float32)
     out = torch.empty(a.shape[0], b.shape[1], device=DEVICE)
     _mma_probe[(1,)](a.to(DEVICE), b.to(DEVICE), out, prec, a.shape[0], a.shape[1], b.shape[1])
     return out.cpu().double()
@@ -473,8 +475,8 @@ def test_fp32_products_split_into_tf32():
     """The split: hi = tf32(x) (ties away from zero), lo = tf32(x − hi), and a·b as
     a_lo·b_hi + a_hi·b_lo + a_hi·b_hi, within 3·2^-22 of |a|·|b| of the exact product; NaN
     stays NaN."""
-    assert launch.dot_precision(torch.float32) == "3xtf32"  # PyTorch's default precision
-    assert launch.dot_precision(torch.bfloat16) == "ieee"
+    assert config.dot_precision(torch.float32) == "3xtf32"  # PyTorch's default precision
+    assert config.dot_precision(torch.bfloat16) == "ieee"
     g = torch.Generator().manual_seed(3)
     # Exact probe of both roundings: x against c = 1 + 2^-12 (hi 1, lo 2^-12) gives
     # lo(x) + hi(x)·2^-12 + hi(x), each partial sum exact in fp32 for these x (checked).
@@ -522,16 +524,16 @@ def test_fp32_products_split_into_tf32():
     old = matmul.fp32_precision
     try:
         matmul.fp32_precision = "tf32"
-        assert launch.dot_precision(torch.float32) == "tf32"
+        assert config.dot_precision(torch.float32) == "tf32"
         matmul.fp32_precision = "ieee"
-        assert launch.dot_precision(torch.float32) == "3xtf32"
+        assert config.dot_precision(torch.float32) == "3xtf32"
         matmul.fp32_precision = old
         torch.set_float32_matmul_precision("high")
-        assert launch.dot_precision(torch.float32) == "tf32"
+        assert config.dot_precision(torch.float32) == "tf32"
     finally:
         torch.set_float32_matmul_precision("highest")
         matmul.fp32_precision = old
-    assert launch.dot_precision(torch.float32) == "3xtf32"
+    assert config.dot_precision(torch.float32) == "3xtf32"
 
 
 @pytest.mark.gpu
@@ -544,15 +546,15 @@ def test_fp32_split_on_tensor_cores():
 def test_fp32_sm90_tiles(monkeypatch):
     """sm_90's fp32 tiles (64 rows, 8 warps: the tensor-core products let them grow from
     sm_80's 32) against the contract at fp32's tolerances, forward and backward."""
-    monkeypatch.setattr(launch, "arch_of", lambda device: 90)
+    monkeypatch.setattr(config, "arch_of", lambda device: 90)
     seen = []
-    real = launch._launch_sym
+    real = sym_launch._launch_sym
 
     def spy(name, n, cfg, fl, args):
         seen.append((name, cfg.block_m, fl["DOT_PREC"]))
         return real(name, n, cfg, fl, args)
 
-    monkeypatch.setattr(launch, "_launch_sym", spy)
+    monkeypatch.setattr(sym_launch, "_launch_sym", spy)
     z, lab, ml, pw, g = _inputs(200, 33, torch.float32, "multilabel")
     _check_lse(z, lab, 10.0, WEIGHTS[3], ml, pw, g)
     assert {s[0] for s in seen} == {"_sym_fwd_kernel", "_sym_bwd_kernel"}

@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 from flashcon.backends import torch_stream as TS  # noqa: E402
 from flashcon.testing import assert_close_rel  # noqa: E402
 from flashcon.tools import tune as T  # noqa: E402
-from flashcon.triton_kernels import launch, tuning  # noqa: E402
+from flashcon.triton_kernels import config, sym_launch, tuning  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FLAGS = {"MODE": 0, "HAS_K1": False, "MULTILABEL": False, "HAS_PW": False, "DOT_PREC": "3xtf32"}
@@ -52,7 +52,7 @@ def test_candidates_are_legal_distinct_and_hold_the_fixed_table(kind, dtype):
     cands = tuning.candidates(kind, dtype, 128)
     assert len(cands) >= 4 and len(set(cands)) == len(cands)
     assert all(tuning.legal(c, kind, dtype, 128, False) for c in cands)
-    cfg, resident = launch.sym_tiles(kind, 90, dtype, 128)
+    cfg, resident = config.sym_tiles(kind, 90, dtype, 128)
     fixed = tuning.Choice(
         cfg.block_m, cfg.block_d, cfg.block_do, cfg.num_warps, cfg.num_stages, resident
     )
@@ -108,8 +108,8 @@ def test_launchers_take_the_tuned_choice(tmp_path, monkeypatch):
     n, d = 130, 16
     z = torch.nn.functional.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(3)))
     lab = torch.arange(n) % 5
-    arch = launch.arch_of(torch.device(DEVICE))
-    prec = launch.dot_precision(torch.float32)
+    arch = config.arch_of(torch.device(DEVICE))
+    prec = config.dot_precision(torch.float32)
     fwd = tuning.Choice(16, 16, 0, 2, 1, False, chunk=3, maxnreg=False)
     bwd = tuning.Choice(16, 16, 16, 2, 1, False)
     fl = {**FLAGS, "DOT_PREC": prec}
@@ -119,32 +119,32 @@ def test_launchers_take_the_tuned_choice(tmp_path, monkeypatch):
     }
     _table(tmp_path, entries, monkeypatch)
     seen = []
-    real = launch._launch_sym
+    real = sym_launch._launch_sym
 
     def spy(name, n_, cfg, fl_, args):
         seen.append((name, cfg))
         return real(name, n_, cfg, fl_, args)
 
-    monkeypatch.setattr(launch, "_launch_sym", spy)
+    monkeypatch.setattr(sym_launch, "_launch_sym", spy)
     zd, labd = z.to(DEVICE), lab.to(DEVICE)
-    lse, psum, pcnt = launch.sym_lse_fwd(zd, labd, 10.0, 1.0, 1.0, 0.0)
+    lse, psum, pcnt = sym_launch.sym_lse_fwd(zd, labd, 10.0, 1.0, 1.0, 0.0)
     want = TS.sym_lse_fwd(z.double(), lab, 10.0, 1.0, 1.0, 0.0, False, None)
     for name, got, exp in zip(("lse", "psum", "pcnt"), (lse, psum, pcnt), want):
         assert_close_rel(got.cpu(), exp, 2e-6, name)
     g = torch.randn(n, generator=torch.Generator().manual_seed(4))
-    dz = launch.sym_lse_bwd(g.to(DEVICE), g.to(DEVICE), zd, labd, lse, 10.0, 1.0, 1.0, 0.0)
+    dz = sym_launch.sym_lse_bwd(g.to(DEVICE), g.to(DEVICE), zd, labd, lse, 10.0, 1.0, 1.0, 0.0)
     exp = TS.sym_lse_bwd(
         g.double(), g.double(), z.double(), lab, lse.cpu().double(), 10.0, 1.0, 1.0, 0.0, False,
         None,
     )  # fmt: skip
     assert_close_rel(dz.cpu(), exp, 5e-6, "dz")
     cfgs = dict(seen)
-    assert cfgs["_sym_fwd_kernel"] == launch.TileConfig(16, 16, 16, 0, 2, 1, 3, False)
-    assert cfgs["_sym_bwd_kernel"] == launch.TileConfig(16, 16, 16, 16, 2, 1, 0, True)
+    assert cfgs["_sym_fwd_kernel"] == config.TileConfig(16, 16, 16, 0, 2, 1, 3, False)
+    assert cfgs["_sym_bwd_kernel"] == config.TileConfig(16, 16, 16, 16, 2, 1, 0, True)
     # With k1 (another flag set) the fixed table's tiles.
     seen.clear()
-    launch.sym_lse_fwd(zd, labd, 10.0, 1.0, 1.0, 5.0)
-    default, _ = launch.sym_tiles("sym_fwd", arch, torch.float32, d)
+    sym_launch.sym_lse_fwd(zd, labd, 10.0, 1.0, 1.0, 5.0)
+    default, _ = config.sym_tiles("sym_fwd", arch, torch.float32, d)
     assert dict(seen)["_sym_fwd_kernel"] == default
 
 

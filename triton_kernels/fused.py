@@ -1,5 +1,5 @@
 """The small kernels around the symmetric path that make a whole 'all'-mode loss a handful of
-launches (``launch.fused_fwd`` / ``launch.fused_bwd``).
+launches (``fused_launch.fused_fwd`` / ``fused_bwd``).
 
 A loss step on the symmetric path used to be two large kernels and ~190 tiny PyTorch ops
 (the static shift's plan, the log-sum-exp epilogue, the per-row loss, the reduction, their

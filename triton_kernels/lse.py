@@ -44,7 +44,7 @@ Precision: tile products accumulate in fp32 (``tl.dot`` with an fp32 accumulator
 are fp32; G is rounded to the input dtype for the tensor-core products G·k and Gᵀ·q (as the
 flash-attention backward does with its probabilities). For fp32 inputs ``DOT_PREC`` is
 "3xtf32" (three TF32 tensor-core products of split operands, ``_mma``), or "tf32" where
-PyTorch's own fp32 matmul precision allows TF32 (see ``launch.dot_precision``).
+PyTorch's own fp32 matmul precision allows TF32 (see ``config.dot_precision``).
 """
 
 from __future__ import annotations

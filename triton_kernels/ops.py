@@ -19,7 +19,7 @@ from torch import Tensor
 
 from flashcon.registration import register_backend_autograd, register_symmetric
 
-from . import launch
+from . import fused_launch, lse_launch, sym_launch
 
 
 def _torch_path():
@@ -49,7 +49,7 @@ def lse_fwd_op(
         return _torch_path().lse_fwd(
             q, k, qlab, klab, self_offset, scale, w_pos, w_neg, k1, multilabel, pos_weight
         )
-    return launch.lse_fwd(
+    return lse_launch.lse_fwd(
         q, k, qlab, klab, self_offset, scale, w_pos, w_neg, k1, multilabel, pos_weight=pos_weight
     )
 
@@ -74,7 +74,7 @@ def lse_bwd_op(
     args = (g_lse, g_psum, q, k, qlab, klab, lse, self_offset, scale, w_pos, w_neg, k1, multilabel)
     if pos_weight is not None and k1 > 0:
         return _torch_path().lse_bwd(*args, pos_weight)
-    return launch.lse_bwd(*args, pos_weight=pos_weight)
+    return lse_launch.lse_bwd(*args, pos_weight=pos_weight)
 
 
 @torch.library.triton_op("flashcon::triton_sp_fwd", mutates_args=())
@@ -92,7 +92,7 @@ def sp_fwd_op(
     args = (q, k, qlab, klab, eta, self_offset, scale, multilabel)
     if pos_weight is not None:
         return _torch_path().sp_fwd(*args, pos_weight)
-    return launch.sp_fwd(*args)
+    return lse_launch.sp_fwd(*args)
 
 
 @torch.library.triton_op("flashcon::triton_sp_bwd", mutates_args=())
@@ -111,7 +111,7 @@ def sp_bwd_op(
     args = (g_sp, q, k, qlab, klab, eta, self_offset, scale, multilabel)
     if pos_weight is not None:
         return _torch_path().sp_bwd(*args, pos_weight)
-    return launch.sp_bwd(*args)
+    return lse_launch.sp_bwd(*args)
 
 
 OPS = (lse_fwd_op, lse_bwd_op, sp_fwd_op, sp_bwd_op)
@@ -132,7 +132,7 @@ def sym_lse_fwd_op(
     args = (z, lab, scale, w_pos, w_neg, k1, multilabel, pos_weight)
     if pos_weight is not None and k1 > 0:
         return _torch_path().sym_lse_fwd(*args)
-    return launch.sym_lse_fwd(*args)
+    return sym_launch.sym_lse_fwd(*args)
 
 
 @torch.library.triton_op("flashcon::triton_sym_lse_bwd", mutates_args=())
@@ -152,7 +152,7 @@ def sym_lse_bwd_op(
     args = (g_lse, g_psum, z, lab, lse, scale, w_pos, w_neg, k1, multilabel, pos_weight)
     if pos_weight is not None and k1 > 0:
         return _torch_path().sym_lse_bwd(*args)
-    return launch.sym_lse_bwd(*args)
+    return sym_launch.sym_lse_bwd(*args)
 
 
 @torch.library.triton_op("flashcon::triton_sym_sp_fwd", mutates_args=())
@@ -166,7 +166,7 @@ def sym_sp_fwd_op(
 ) -> tuple[Tensor, Tensor]:
     if pos_weight is not None:
         return _torch_path().sym_sp_fwd(z, lab, eta, scale, multilabel, pos_weight)
-    return launch.sym_sp_fwd(z, lab, eta, scale, multilabel)
+    return sym_launch.sym_sp_fwd(z, lab, eta, scale, multilabel)
 
 
 @torch.library.triton_op("flashcon::triton_sym_sp_bwd", mutates_args=())
@@ -181,7 +181,7 @@ def sym_sp_bwd_op(
 ) -> Tensor:
     if pos_weight is not None:
         return _torch_path().sym_sp_bwd(g_sp, z, lab, eta, scale, multilabel, pos_weight)
-    return launch.sym_sp_bwd(g_sp, z, lab, eta, scale, multilabel)
+    return sym_launch.sym_sp_bwd(g_sp, z, lab, eta, scale, multilabel)
 
 
 SYM_OPS = (sym_lse_fwd_op, sym_lse_bwd_op, sym_sp_fwd_op, sym_sp_bwd_op)
@@ -201,7 +201,9 @@ def fused_fwd_op(
     multilabel: bool,
     weight: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return launch.fused_fwd(z, labels, views, loss, scale, w_pos, w_neg, k1, multilabel, weight)
+    return fused_launch.fused_fwd(
+        z, labels, views, loss, scale, w_pos, w_neg, k1, multilabel, weight
+    )
 
 
 @torch.library.triton_op("flashcon::triton_fused_bwd", mutates_args=())
@@ -220,7 +222,7 @@ def fused_bwd_op(
     multilabel: bool,
     weight: float,
 ) -> Tensor:
-    return launch.fused_bwd(
+    return fused_launch.fused_bwd(
         g, z, lab, stats, plan, gates, loss, scale, w_pos, w_neg, k1, multilabel, weight
     )
 

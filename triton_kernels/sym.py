@@ -6,7 +6,7 @@ J = (I + t) mod NB for t = 0 … NB // 2 (with an even NB the pair at distance N
 once, by I < NB / 2), so every unordered pair {I, J} is one tile. Program (I, c) takes the
 run t ∈ [c·CHUNK, (c + 1)·CHUNK) ∩ [0, NB // 2] of block I's partners, less the distance
 NB / 2 for I >= NB / 2 (``_partners``). The launcher picks CHUNK <= 16, fewer while the grid
-would have under 1024 programs (``launch.sym_chunk``), and 1 for the streamed backward. On
+would have under 1024 programs (``config.sym_chunk``), and 1 for the streamed backward. On
 the tile S = Z_I·Z_Jᵀ:
 
 - pairs (i, j) with i ∈ I, j ∈ J are visited once; a diagonal tile (t = 0) keeps its strict
@@ -17,7 +17,7 @@ the tile S = Z_I·Z_Jᵀ:
 - the backward forms H_ij = G_ij + G_ji from both rows' statistics and adds H·Z_J to dZ_I and
   Hᵀ·Z_I to dZ_J.
 
-Resident variant (``RESIDENT``, 16-bit inputs with D <= 128, ``launch.sym_tiles``): Z_I is
+Resident variant (``RESIDENT``, 16-bit inputs with D <= 128, ``config.sym_tiles``): Z_I is
 loaded once per program, each Z_J once per tile and used for both S and H·Z_J, and dZ_I stays
 in fp32 registers over the run: one [BLOCK, D] atomic add per tile (the partner's Hᵀ·Z_I) and
 one per program. The streamed variant (fp32, larger D, the backward with a mask) loads both
@@ -43,7 +43,7 @@ The decision never reaches the host: no synchronisation, and nothing for torch.c
 guard on. The softplus pass (MODE_SP, SINCERE) has no shift: its per-pair functions depend on
 η_i, so a pair costs two σ/softplus evaluations and shares only the product.
 
-The plan vector (fp32, ``launch.sym_plan``): [A, R², c_pos, c_neg, 1/m_max].
+The plan vector (fp32, ``sym_launch.sym_plan``): [A, R², c_pos, c_neg, 1/m_max].
 """
 
 from __future__ import annotations

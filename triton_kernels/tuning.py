@@ -1,7 +1,7 @@
 """Tile configurations of the symmetric kernels measured on a GPU, read by the launchers.
 
 The symmetric kernels (``sym.py``) are what the fast paths run: every 'all'-mode loss on
-``backend='triton'`` and the fused losses. Their tiles come from ``launch.CONFIGS`` (a fixed
+``backend='triton'`` and the fused losses. Their tiles come from ``config.CONFIGS`` (a fixed
 table chosen by compile-time evidence) unless the tuned table beside this file
 (``tuned.json``) has an entry for the launch's key:
 

@@ -1,6 +1,6 @@
 """Ahead-of-time build report of the Triton engine kernels (no GPU needed).
 
-Compiles every kernel specialisation the launchers of ``flashcon.triton_kernels.launch`` can
+Compiles every kernel specialisation the launchers of ``flashcon.triton_kernels`` can
 choose — each kernel × compile-time flag combination × input dtype (fp32 once per dot
 precision) × D bucket of the tile table × architecture — with ``triton.compile(ASTSource(...),
 target=GPUTarget("cuda", arch, 32))``, then reads each cubin with the ``cuobjdump`` shipped in
@@ -10,7 +10,7 @@ holds tensor-core instructions (HMMA; HGMMA on sm_90).
 Exits non-zero on a compile failure, any spill, shared memory over the architecture's limit
 (sm_80: 163 KB, sm_90: 227 KB dynamic), or a tile product without tensor-core instructions
 (every product is one: 16-bit inputs directly, fp32 ones as "3xtf32" or "tf32", see
-``launch.dot_precision``).
+``config.dot_precision``).
 
     python -m flashcon.tools.kernel_report            # everything, both architectures
     python -m flashcon.tools.kernel_report --arch 90 --quick -j 2
@@ -54,7 +54,7 @@ KERNELS = (
 )
 SYM_KERNELS = ("_sym_fwd_kernel", "_sym_bwd_kernel")
 # fused.py's small kernels around the symmetric path: no tile products, fixed tiles
-# (launch._ROWS × launch._COLS, 4 warps); the flag sets the launchers pass.
+# (fused_launch._ROWS × fused_launch._COLS, 4 warps); the flag sets the launchers pass.
 SMALL_KERNELS = {
     "_prep_kernel": [{"N_SUMS": 4, "LABELS": lab} for lab in (0, 1, 2)],
     "_plan_kernel": [{"HAS_K1": k1, "HAS_TERMS": True} for k1 in (False, True)],
@@ -102,31 +102,34 @@ def _clear_interpreter() -> None:
 def specs(archs, quick: bool) -> list[Spec]:
     """Every specialisation the launchers can pick (``quick``: the heaviest flag set only)."""
     _clear_interpreter()
-    from flashcon.triton_kernels import launch
+    import torch
+
+    from flashcon.triton_kernels import config as C
+    from flashcon.triton_kernels import fused_launch as FL
 
     out: list[Spec] = []
     seen = set()
     for arch, dtype in itertools.product(archs, DTYPES):
         bits = 32 if dtype == "fp32" else 16
-        precs = launch.FP32_PRECISIONS if dtype == "fp32" else ("ieee",)
+        precs = C.FP32_PRECISIONS if dtype == "fp32" else ("ieee",)
         for kernel, prec in itertools.product(KERNELS, precs):
             if kernel in SMALL_KERNELS:
                 continue
             sym = kernel in SYM_KERNELS
             kind = "fwd" if "fwd" in kernel else "bwd"
             buckets = ("any",) if kind == "fwd" or sym else ("narrow", "wide")
-            tdtype = {16: launch.torch.float16, 32: launch.torch.float32}[bits]
-            if sym and (arch, f"sym_{kind}", bits, "res") in launch.CONFIGS:
+            tdtype = {16: torch.float16, 32: torch.float32}[bits]
+            if sym and (arch, f"sym_{kind}", bits, "res") in C.CONFIGS:
                 # Resident tiles for D <= 64 and D <= 128, streamed ones above.
                 buckets = ("res64", "res128", "any")
             for bucket in buckets:
                 resident = bucket.startswith("res")
                 if sym:
-                    c, resident = launch.sym_tiles(
+                    c, resident = C.sym_tiles(
                         f"sym_{kind}", arch, tdtype, int(bucket[3:]) if resident else 1 << 20
                     )
                 else:
-                    c = launch.pick_config(
+                    c = C.pick_config(
                         "sp" if kernel == "_sp_fwd_kernel" else kind,
                         arch,
                         tdtype,
@@ -168,7 +171,7 @@ def specs(archs, quick: bool) -> list[Spec]:
                         if sym:
                             del fl["HAS_SELF"], fl["GATED"]
                             d = int(bucket[3:]) if resident else 1 << 20
-                            tiles = launch.sym_tiles(f"sym_{kind}", arch, tdtype, d, fl["HAS_PW"])
+                            tiles = C.sym_tiles(f"sym_{kind}", arch, tdtype, d, fl["HAS_PW"])
                             if tiles != (c, resident):
                                 continue  # these flags take other tiles at this D
                             fl["RESIDENT"] = resident
@@ -189,8 +192,8 @@ def specs(archs, quick: bool) -> list[Spec]:
             if dtype != "fp32" and kernel not in TYPED_SMALL:
                 continue
             for fl in flag_sets:
-                rows = launch._PREP_ROWS if kernel == "_prep_kernel" else launch._ROWS
-                cfg = (rows, 0, launch._COLS, 0, launch.SMALL_WARPS, launch.SMALL_STAGES)
+                rows = FL._PREP_ROWS if kernel == "_prep_kernel" else FL._ROWS
+                cfg = (rows, 0, FL._COLS, 0, FL.SMALL_WARPS, FL.SMALL_STAGES)
                 out.append(Spec(kernel, arch, dtype, "-", "any", tuple(fl.items()), cfg))
     return out
 
@@ -266,7 +269,7 @@ def _signature(fn, spec: Spec) -> tuple[dict, dict, dict]:
         else:
             sig[name] = "i32"
         # What the runtime specialises on: torch allocations are 16-byte aligned, and the
-        # launchers pad D to a multiple of 16 (``launch.D_ALIGN``), so D and the row strides
+        # launchers pad D to a multiple of 16 (``arguments.D_ALIGN``), so D and the row strides
         # of the inputs and outputs are multiples of 16.
         aligned = name == "D" or name.startswith("stride")
         if sig[name].startswith("*") or aligned:
@@ -275,16 +278,16 @@ def _signature(fn, spec: Spec) -> tuple[dict, dict, dict]:
 
 
 def _small_signature(fn, spec: Spec, ptr: str, const: dict) -> tuple[dict, dict, dict]:
-    from flashcon.triton_kernels import launch
+    from flashcon.triton_kernels import fused_launch, sym_launch
 
     const["BLOCK_R"] = spec.cfg[0]
     if "BLOCK_D" in fn.arg_names:
         const["BLOCK_D"] = spec.cfg[2]
     if "RANGE" in fn.arg_names:
-        const["RANGE"] = launch.SYM_RANGE
+        const["RANGE"] = sym_launch.SYM_RANGE
     if "BLOCK_P" in fn.arg_names:
         const.pop("BLOCK_R")
-        const["BLOCK_P"] = launch._PLAN_BLOCK
+        const["BLOCK_P"] = fused_launch._PLAN_BLOCK
     floats = ("scale", "c_pos", "c_neg", "log_cmax", "log_spread", "log_k1", "weight")
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -317,9 +320,9 @@ _ALIGNED_INTS = ("D", "stride_z", "stride_dz", "stride_dq", "stride_dk")
 
 
 def launch_maxnreg() -> int:
-    from flashcon.triton_kernels import launch
+    from flashcon.triton_kernels import config
 
-    return launch.MAXNREG
+    return config.MAXNREG
 
 
 def _tools() -> Path:

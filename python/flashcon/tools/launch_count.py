@@ -14,8 +14,9 @@ and backward):
   ``nonzero`` and friends (their output size is data-dependent);
 - every other ATen op is one device operation (a fill, a copy, an elementwise op, a reduction);
 - ``flashcon::`` custom ops are looked through (their Python implementation runs under the
-  mode); each Triton kernel launch of ``flashcon.triton_kernels.launch`` is one device
-  operation, and what the interpreter does to run it is not counted.
+  mode); each Triton kernel launch of the launchers (``flashcon.triton_kernels``'s
+  ``lse_launch``, ``sym_launch`` and ``fused_launch``) is one device operation, and what the
+  interpreter does to run it is not counted.
 
     python -m flashcon.tools.launch_count                     # on a GPU machine
     TRITON_INTERPRET=1 python -m flashcon.tools.launch_count  # without one
@@ -77,12 +78,22 @@ class _Counter(TorchDispatchMode):
 @contextlib.contextmanager
 def _count_launches(counter: _Counter) -> Iterator[None]:
     """Count each launch of the Triton launchers as one operation (and nothing inside it)."""
+    # The modules that launch: a tree from before the launchers were split by trade (the cost
+    # model counts such trees) has one, ``launch``. It is looked for first: under an editable
+    # install a module the counted tree lacks resolves to this checkout's.
     try:
         from flashcon.triton_kernels import launch
+
+        launchers = (launch,)
     except ImportError:
-        yield
-        return
-    real = launch.wrap_triton
+        try:
+            from flashcon.triton_kernels import fused_launch, lse_launch, sym_launch
+        except ImportError:
+            yield
+            return
+        launchers = (lse_launch, sym_launch, fused_launch)
+    saved = [mod.wrap_triton for mod in launchers]
+    real = saved[0]
 
     def wrap(kernel):
         wrapped = real(kernel)
@@ -104,11 +115,14 @@ def _count_launches(counter: _Counter) -> Iterator[None]:
 
         return _Grid()
 
-    launch.wrap_triton = wrap
+    # Each launcher looks ``wrap_triton`` up in its own module when it launches.
+    for mod in launchers:
+        mod.wrap_triton = wrap
     try:
         yield
     finally:
-        launch.wrap_triton = real
+        for mod, own in zip(launchers, saved):
+            mod.wrap_triton = own
 
 
 def count_device_ops(fn: Callable[[], object]) -> tuple[collections.Counter, collections.Counter]:

@@ -151,7 +151,7 @@ class Bench:
     def inputs(self, task: Task) -> tuple:
         import torch
 
-        from flashcon.triton_kernels import launch
+        from flashcon.triton_kernels import sym_launch
 
         k = (task.dtype, task.n, task.d, task.family)
         if k not in self._inputs:
@@ -160,23 +160,25 @@ class Bench:
             z = z.to(self.device, _torch_dtype(task.dtype))
             lab = torch.randint(0, max(1, task.n // 4), (task.n,), generator=g).to(self.device)
             w = (1.0, 1.0, 5000.0) if task.family == "lse-k1" else (1.0, 1.0, 0.0)
-            lse = launch.sym_lse_fwd(z, lab, 10.0, *w)[0]
-            eta = launch.sym_lse_fwd(z, lab, 10.0, 0.0, 1.0, 0.0)[0]
+            lse = sym_launch.sym_lse_fwd(z, lab, 10.0, *w)[0]
+            eta = sym_launch.sym_lse_fwd(z, lab, 10.0, 0.0, 1.0, 0.0)[0]
             grads = torch.randn(2, task.n, generator=g).to(self.device)
             self._inputs[k] = (z, lab, w, lse, eta, grads)
         return self._inputs[k]
 
     def call(self, task: Task, choice) -> Callable[[], object]:
-        from flashcon.triton_kernels import launch
+        from flashcon.triton_kernels import sym_launch
 
         z, lab, w, lse, eta, grads = self.inputs(task)
         if task.family == "softplus":
             if task.kind == "sym_fwd":
-                return lambda: launch.sym_sp_fwd(z, lab, eta, 10.0, config=choice)
-            return lambda: launch.sym_sp_bwd(grads[0], z, lab, eta, 10.0, config=choice)
+                return lambda: sym_launch.sym_sp_fwd(z, lab, eta, 10.0, config=choice)
+            return lambda: sym_launch.sym_sp_bwd(grads[0], z, lab, eta, 10.0, config=choice)
         if task.kind == "sym_fwd":
-            return lambda: launch.sym_lse_fwd(z, lab, 10.0, *w, config=choice)
-        return lambda: launch.sym_lse_bwd(grads[0], grads[1], z, lab, lse, 10.0, *w, config=choice)
+            return lambda: sym_launch.sym_lse_fwd(z, lab, 10.0, *w, config=choice)
+        return lambda: sym_launch.sym_lse_bwd(
+            grads[0], grads[1], z, lab, lse, 10.0, *w, config=choice
+        )
 
 
 def cuda_time(fn: Callable[[], object], warmup: int, min_reps: int, target_s: float) -> float:
@@ -245,7 +247,7 @@ def compile_in_processes(pairs: list[tuple[Task, object]], jobs: int) -> dict[in
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from flashcon.triton_kernels import launch, tuning
+    from flashcon.triton_kernels import config, tuning
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=tuning.TABLE, help="the table to write")
@@ -264,17 +266,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ[tuning.TABLE_ENV] = "off"  # the defaults are the fixed table's, not a tuned one
     dev = torch.device("cuda")
-    arch = launch.arch_of(dev)
+    arch = config.arch_of(dev)
     work = []
     for t in tasks(args.dtypes, args.ns, args.families):
-        prec = launch.dot_precision(_torch_dtype(t.dtype))
+        prec = config.dot_precision(_torch_dtype(t.dtype))
         work.append((tuning.key(arch, t.kind, _torch_dtype(t.dtype), t.d, t.n, t.flags(prec)), t))
 
     def candidates(task: Task) -> list:
         return tuning.candidates(task.kind, _torch_dtype(task.dtype), task.d)
 
     def default(task: Task):
-        cfg, resident = launch.sym_tiles(task.kind, arch, _torch_dtype(task.dtype), task.d)
+        cfg, resident = config.sym_tiles(task.kind, arch, _torch_dtype(task.dtype), task.d)
         return tuning.Choice(
             cfg.block_m, cfg.block_d, cfg.block_do, cfg.num_warps, cfg.num_stages, resident
         )

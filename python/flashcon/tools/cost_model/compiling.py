@@ -25,10 +25,10 @@ def _cache_dir() -> Path:
 
 
 def _sources_hash() -> str:
-    from flashcon.triton_kernels import launch
+    from flashcon.triton_kernels import sym
 
     h = hashlib.sha256()
-    for f in (Path(launch.__file__).parent / name for name in ("sym.py", "lse.py")):
+    for f in (Path(sym.__file__).parent / name for name in ("sym.py", "lse.py")):
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
@@ -164,9 +164,9 @@ def collect(
     import triton
 
     from flashcon.tools import kernel_report as KR
-    from flashcon.triton_kernels import launch
+    from flashcon.triton_kernels import sym
 
-    tree = Path(launch.__file__).resolve().parent.parent
+    tree = Path(sym.__file__).resolve().parent.parent
     data = {
         "commit": _commit(tree),
         "triton": triton.__version__,

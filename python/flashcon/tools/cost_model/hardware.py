@@ -10,7 +10,7 @@ import dataclasses
 @dataclasses.dataclass(frozen=True)
 class Gpu:
     name: str
-    arch: int  # the kernels it runs (launch.arch_of: sm_90 and newer run the sm_90 table)
+    arch: int  # the kernels it runs (config.arch_of: sm_90 and newer run the sm_90 table)
     sms: int
     clock_hz: float  # SM clock of the issue, MUFU, SHFL and shared-memory rates
     mma_flops: dict  # dense tensor-core flop/s by operand type

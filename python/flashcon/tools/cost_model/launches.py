@@ -13,7 +13,7 @@ TCL_K1 = 5000.0  # tcl_loss's default k1 (functional.py): HAS_K1 on
 
 
 # (kernel kind, MODE, k1) of the symmetric launches of one forward + backward, in order
-# (launch.fused_fwd / fused_bwd; the older sym_* launchers launch the same kernels).
+# (fused_launch.fused_fwd / fused_bwd; the sym_launch.sym_* launchers launch the same kernels).
 LOSS_KERNELS = {
     "supcon": (("fwd", 0, 0.0), ("bwd", 0, 0.0)),
     "ntxent": (("fwd", 0, 0.0), ("bwd", 0, 0.0)),
@@ -46,34 +46,40 @@ def schedule(nb: int, chunk: int) -> list[list[int]]:
 
 def launched(loss: str, dtype: str, arch: int, n: int, d: int) -> list[dict]:
     """The symmetric launches of one fwd+bwd of ``loss``: kernel_report Spec, grid and the
-    programs' tiles, from the importable ``flashcon.triton_kernels.launch``."""
+    programs' tiles, from the importable ``flashcon.triton_kernels.config`` (the tiles and their
+    policy)."""
     import torch
 
     from flashcon.tools import kernel_report as KR
-    from flashcon.triton_kernels import launch
     from flashcon.triton_kernels import sym as S
+
+    # The tiles and their policy: ``config``, or in a tree from before the launchers were split
+    # by trade (a986ea9) its one ``launch`` module. That one is looked for first: under an
+    # editable install a module the modelled tree lacks resolves to this checkout's.
+    try:
+        from flashcon.triton_kernels import launch as C
+    except ImportError:
+        from flashcon.triton_kernels import config as C
 
     tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     out = []
     for kind, mode, k1 in LOSS_KERNELS[loss]:
         name = f"_sym_{kind}_kernel"
-        if hasattr(launch, "sym_tiles"):
-            cfg, resident = launch.sym_tiles(f"sym_{kind}", arch, tdtype, d, False)
+        if hasattr(C, "sym_tiles"):
+            cfg, resident = C.sym_tiles(f"sym_{kind}", arch, tdtype, d, False)
         else:  # a986ea9: streamed tiles, one per program
-            cfg, resident = launch.pick_config(f"sym_{kind}", arch, tdtype, d), None
-        fl = {"MODE": mode, **launch.flags("sym", cfg, d, 0, k1, False, False)}
+            cfg, resident = C.pick_config(f"sym_{kind}", arch, tdtype, d), None
+        fl = {"MODE": mode, **C.flags("sym", cfg, d, 0, k1, False, False)}
         if resident is not None:
             fl["RESIDENT"] = resident
         nb = -(-n // cfg.block_m)
         chunk = 1
-        if hasattr(launch, "sym_chunk") and (kind == "fwd" or resident):
-            chunk = int(launch.sym_chunk(nb))
+        if hasattr(C, "sym_chunk") and (kind == "fwd" or resident):
+            chunk = int(C.sym_chunk(nb))
         if chunk == 1 and "CHUNK" in getattr(S, name).arg_names:
             fl["CHUNK"] = 1  # Triton makes an integer argument equal to 1 a constant
         c = (cfg.block_m, cfg.block_n, cfg.block_d, cfg.block_do, cfg.num_warps, cfg.num_stages)
-        spec = KR.Spec(
-            name, arch, dtype, launch.dot_precision(tdtype), "call", tuple(fl.items()), c
-        )
+        spec = KR.Spec(name, arch, dtype, C.dot_precision(tdtype), "call", tuple(fl.items()), c)
         runs = schedule(nb, chunk)
         out.append(
             {
