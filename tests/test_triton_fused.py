@@ -255,11 +255,11 @@ class _Target:  # torch.compile traces the Triton launches for a GPU target; not
 
 triton.runtime.driver.set_active(_Target())
 import flashcon
-import flashcon.functional as FN
+import flashcon.engine as E
 from functorch.compile import make_boxed_func
 from torch._functorch.aot_autograd import aot_module_simplified
 
-FN.resolve_backend = lambda backend, device: "triton"  # CPU tensors, traced only
+E.resolve_backend = lambda backend, device: "triton"  # CPU tensors, traced only
 compiles = [0]
 
 
@@ -282,8 +282,11 @@ for name, fn in (
         f = torch.nn.functional.normalize(torch.randn(b, 2, 16), dim=-1).requires_grad_(True)
         try:
             compiled(f, torch.randint(0, 3, (b,)))
-        except Exception:
-            pass  # running the traced graph needs a GPU; the trace is what is counted
+        except RuntimeError as e:
+            # Running the traced graph asks the stand-in driver for a device (there is no
+            # GPU): that, and only that, is expected; the trace is what is counted.
+            if str(e) != "get_current_device":
+                raise
         counts.append(compiles[0])
     assert counts[0] >= 1 and counts == [counts[0]] * 3, (name, counts)
 print("ok")

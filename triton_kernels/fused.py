@@ -16,7 +16,7 @@ N below ~10⁵. Here they are five small kernels, and nothing reaches the host:
   aligned as the kernel report compiles it: the constant 1 that gates SINCERE's softplus
   pass, which has no fallback); zeroes the loss and E1, E2.
 - ``_finish_kernel`` (row blocks): the per-row statistics from the symmetric sums (gate 1) or
-  the general kernel's outputs (gate 0), the per-row loss of LOSSES.md, its block sum added
+  the general kernel's outputs (gate 0), the per-row loss of docs/losses.md, its block sum added
   to the loss (fp32 atomics), and the largest backward row factors without the incoming
   gradient (E1, E2: atomic max), so the backward gate needs no reduction over rows.
 - ``_bwd_prep_kernel`` (row blocks): the backward gate and the row constants of both kernel

@@ -28,8 +28,7 @@ mask's weights), ``EVEN_D`` (no D-tail masks) and ``GATED`` (the fallback of the
 path, ``sym.py``: the kernel returns at once unless the int32 at ``gate_ptr`` is 0). ``MODE``
 selects the lse or softplus gradient in the backward kernels.
 
-Saved for backward: the forward saves only the O(N) row statistics (lse, or η and r for the
-softplus pass); the backward recomputes each similarity tile from q and k.
+Saved for backward: only the O(N) row statistics (lse, or η and r); s is recomputed.
 
 Backward (deterministic, no atomics): two kernels per op.
 ``_bwd_dq_kernel`` owns BLOCK_M anchor rows × BLOCK_DO output features and streams over column
