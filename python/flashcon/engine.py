@@ -136,94 +136,11 @@ def symmetric_enabled() -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("flashcon::torch_lse_fwd", mutates_args=())
-def _torch_lse_fwd(
-    q: Tensor,
-    k: Tensor,
-    qlab: Tensor,
-    klab: Tensor,
-    self_offset: int,
-    scale: float,
-    w_pos: float,
-    w_neg: float,
-    k1: float,
-    multilabel: bool,
-    pos_weight: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    return torch_stream.lse_fwd(
-        q, k, qlab, klab, self_offset, scale, w_pos, w_neg, k1, multilabel, pos_weight
-    )
-
-
-@torch.library.custom_op("flashcon::torch_lse_bwd", mutates_args=())
-def _torch_lse_bwd(
-    g_lse: Tensor,
-    g_psum: Tensor,
-    q: Tensor,
-    k: Tensor,
-    qlab: Tensor,
-    klab: Tensor,
-    lse: Tensor,
-    self_offset: int,
-    scale: float,
-    w_pos: float,
-    w_neg: float,
-    k1: float,
-    multilabel: bool,
-    pos_weight: Tensor | None,
-) -> tuple[Tensor, Tensor]:
-    return torch_stream.lse_bwd(
-        g_lse,
-        g_psum,
-        q,
-        k,
-        qlab,
-        klab,
-        lse,
-        self_offset,
-        scale,
-        w_pos,
-        w_neg,
-        k1,
-        multilabel,
-        pos_weight,
-    )
-
-
-@torch.library.custom_op("flashcon::torch_sp_fwd", mutates_args=())
-def _torch_sp_fwd(
-    q: Tensor,
-    k: Tensor,
-    qlab: Tensor,
-    klab: Tensor,
-    eta: Tensor,
-    self_offset: int,
-    scale: float,
-    multilabel: bool,
-    pos_weight: Tensor | None,
-) -> tuple[Tensor, Tensor]:
-    return torch_stream.sp_fwd(q, k, qlab, klab, eta, self_offset, scale, multilabel, pos_weight)
-
-
-@torch.library.custom_op("flashcon::torch_sp_bwd", mutates_args=())
-def _torch_sp_bwd(
-    g_sp: Tensor,
-    q: Tensor,
-    k: Tensor,
-    qlab: Tensor,
-    klab: Tensor,
-    eta: Tensor,
-    self_offset: int,
-    scale: float,
-    multilabel: bool,
-    pos_weight: Tensor | None,
-) -> tuple[Tensor, Tensor]:
-    return torch_stream.sp_bwd(
-        g_sp, q, k, qlab, klab, eta, self_offset, scale, multilabel, pos_weight
-    )
-
-
-_TORCH_OPS = (_torch_lse_fwd, _torch_lse_bwd, _torch_sp_fwd, _torch_sp_bwd)
+# The chunked PyTorch functions are the ops themselves: their annotations are the schema.
+_TORCH_OPS = tuple(
+    torch.library.custom_op(f"flashcon::torch_{fn.__name__}", fn, mutates_args=())
+    for fn in (torch_stream.lse_fwd, torch_stream.lse_bwd, torch_stream.sp_fwd, torch_stream.sp_bwd)
+)
 register_fakes(*_TORCH_OPS)
 register_backend_autograd(*_TORCH_OPS)
 
