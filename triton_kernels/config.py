@@ -247,9 +247,15 @@ def sym_tiles(
     # D = 0 streams (its loops over D run zero times); a resident block would load BLOCK_D
     # columns of an empty tensor.
     if res is not None and 0 < d <= res.block_d and not (has_pw and kind == "sym_bwd"):
-        width = 64 if d <= 64 else res.block_d
+        width = resident_width(d, res.block_d)
         return dataclasses.replace(res, block_d=width, block_do=width if res.block_do else 0), True
     return pick_config(kind, arch, dtype, d), False
+
+
+def resident_width(d: int, block_d: int) -> int:
+    """The D chunk a resident block of at most ``block_d`` columns takes for (padded) D: 64
+    where D fits in it, so D <= 64 does not hold 128-wide tiles."""
+    return 64 if d <= 64 else block_d
 
 
 def _autotune_configs(kind: str) -> list[triton.Config]:

@@ -126,6 +126,8 @@ def _sym_setup(kind, z, d, k1, multilabel, has_pw, mode, config) -> tuple[TileCo
     streamed variant with those tiles) or a ``tuning.Choice``; ``None``: the tuned table's
     choice for this launch where it has one (``tuning``), else the fixed table's."""
     arch, prec = C.arch_of(z.device), C.dot_precision(z.dtype)
+    if isinstance(config, tuning.Choice) and not tuning.legal(config, kind, z.dtype, d, has_pw):
+        raise ValueError(f"{config} cannot run {kind} for {z.dtype}, D = {d}")
     if config is None and not C._one_tile_schedule():
         key_flags = {
             "MODE": mode, "HAS_K1": k1 > 0, "MULTILABEL": bool(multilabel) and not has_pw,
@@ -135,15 +137,7 @@ def _sym_setup(kind, z, d, k1, multilabel, has_pw, mode, config) -> tuple[TileCo
         if choice is not None and tuning.legal(choice, kind, z.dtype, d, has_pw):
             config = choice
     if isinstance(config, tuning.Choice):
-        if not tuning.legal(config, kind, z.dtype, d, has_pw):
-            raise ValueError(f"{config} cannot run {kind} for {z.dtype}, D = {d}")
-        c = config
-        width = c.block_d
-        if c.resident and d <= 64:
-            width = 64  # as sym_tiles narrows the resident block for D <= 64
-        do = width if (c.resident and c.block_do) else c.block_do
-        cfg = TileConfig(c.block, c.block, width, do, c.num_warps, c.num_stages, c.chunk, c.maxnreg)
-        resident = c.resident
+        cfg, resident = config.tile_config(d), config.resident
     elif config is None:
         cfg, resident = C.sym_tiles(kind, arch, z.dtype, d, has_pw)
     else:
@@ -162,7 +156,7 @@ def sym_lse_fwd(
     k1: float,
     multilabel: bool = False,
     pos_weight: Tensor | None = None,
-    config: TileConfig | None = None,
+    config: TileConfig | tuning.Choice | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``lse_fwd(z, z, lab, lab, 0, …)`` with each tile pair computed once (sym.py)."""
     z, lab, d = _sym_prep(z, lab)
@@ -208,7 +202,7 @@ def sym_lse_bwd(
     k1: float,
     multilabel: bool = False,
     pos_weight: Tensor | None = None,
-    config: TileConfig | None = None,
+    config: TileConfig | tuning.Choice | None = None,
 ) -> Tensor:
     """dz = dq + dk of ``lse_bwd(…, z, z, lab, lab, lse, 0, …)``, tile pairs computed once."""
     d_true = z.shape[1]
@@ -253,7 +247,7 @@ def sym_sp_fwd(
     eta: Tensor,
     scale: float,
     multilabel: bool = False,
-    config: TileConfig | None = None,
+    config: TileConfig | tuning.Choice | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``sp_fwd(z, z, lab, lab, eta, 0, …)`` with each tile pair computed once."""
     z, lab, d = _sym_prep(z, lab)
@@ -279,7 +273,7 @@ def sym_sp_bwd(
     eta: Tensor,
     scale: float,
     multilabel: bool = False,
-    config: TileConfig | None = None,
+    config: TileConfig | tuning.Choice | None = None,
 ) -> Tensor:
     """dz = dq + dk of ``sp_bwd(g_sp, z, z, lab, lab, eta, 0, …)``, tile pairs computed once."""
     d_true = z.shape[1]

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from .config import TileConfig, resident_width
+
 TABLE = Path(__file__).with_name("tuned.json")
 TABLE_ENV = "FLASHCON_TUNED_TABLE"
 VERSION = 1
@@ -62,6 +64,16 @@ class Choice:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def tile_config(self, d: int) -> TileConfig:
+        """The launch's tiles for (padded) D: a resident block narrows as the fixed table's
+        does (``config.sym_tiles``)."""
+        width = resident_width(d, self.block_d) if self.resident else self.block_d
+        do = width if self.resident and self.block_do else self.block_do
+        return TileConfig(
+            self.block, self.block, width, do, self.num_warps, self.num_stages, self.chunk,
+            self.maxnreg,
+        )  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: dict) -> Choice:

@@ -215,9 +215,8 @@ def _tuned_specs(arch: int, dtype: str) -> list[Spec]:
             d = {"d64": 64, "d128": 128}.get(dbucket, 1 << 20)
             fl = {"MODE": int(flags["MODE"])}
             fl.update({k: flags[k] == "1" for k in ("HAS_K1", "MULTILABEL", "HAS_PW")})
-            width = 64 if choice.resident and d <= 64 else choice.block_d
-            do = width if choice.resident and choice.block_do else choice.block_do
-            cfg = (choice.block, choice.block, width, do, choice.num_warps, choice.num_stages)
+            t = choice.tile_config(d)
+            cfg = (t.block_m, t.block_n, t.block_d, t.block_do, t.num_warps, t.num_stages)
             chunks = _chunk_values(kernel, choice.resident, False)
             for even, chunk in itertools.product((False, True), chunks):
                 flt = tuple({**fl, "EVEN_D": even, "RESIDENT": choice.resident}.items()) + chunk
