@@ -44,7 +44,8 @@ def fused_loss(
     for sample ids): the op expands them over the views itself and divides by N on the
     device (a float argument that depended on N would make torch.compile recompile for every
     batch size). Its kernels give NaN for non-finite features themselves."""
-    w_pos, w_neg, k1 = LOSS_SPECS[spec].streams[0].weights(options or {})
+    (one,) = LOSS_SPECS[spec].streams  # a fused loss streams one log-sum-exp
+    w_pos, w_neg, k1 = one.weights(options or {})
     eng = r.engine
     assert eng is not None and eng.fused is not None, "route() chose the fused op"
     args = (views, loss, 1.0 / t, w_pos, w_neg, k1, multilabel, weight)
